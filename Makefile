@@ -1,0 +1,30 @@
+# `make demo` and `make test` each set everything up from a fresh clone, then run.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/hybrids blocks
+	$(PY) benchmarks/scan_speed.py --quick
+
+test: setup
+	$(VENV)/bin/ruff check blocks hybrids tests benchmarks
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/scan_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,114 @@
+"""Multi-head / grouped-query attention through scaled_dot_product_attention, optional RoPE.
+
+The input width (d_input) may differ from the output width (d_model): Zamba's shared block attends
+in 2 * d_model (residual stream concatenated with the embeddings) and projects back to d_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from blocks.base import Block, BlockConfig, KVCache, check, linear_flops
+from blocks.registry import register
+
+
+@dataclass
+class AttentionConfig(BlockConfig):
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: n_heads (MHA); fewer: GQA
+    head_dim: int | None = None  # None: d_input // n_heads
+    d_input: int | None = None  # None: d_model
+    rope: bool = False
+    rope_theta: float = 10000.0
+    softmax_scale: float | None = None  # None: head_dim ** -0.5
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.d_input = self.d_input or self.d_model
+        check(self.n_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+              f"attention: n_heads = {self.n_heads} must be a positive multiple of n_kv_heads = {self.n_kv_heads}")
+        if self.head_dim is None:
+            check(self.d_input % self.n_heads == 0,
+                  f"attention: input width {self.d_input} is not divisible by n_heads = {self.n_heads}")
+            self.head_dim = self.d_input // self.n_heads
+        check(not self.rope or self.head_dim % 2 == 0, f"attention: RoPE needs an even head_dim, got {self.head_dim}")
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """Llama-style rotary tables for integer positions (T,) -> cos, sin of shape (T, head_dim), fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, Dh); rotates pairs (i, i + Dh/2), as HF's rotate_half does."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+@register("attention", "A", AttentionConfig, kind="mixer")
+class Attention(Block):
+    def __init__(self, config: AttentionConfig):
+        super().__init__(config)
+        c = config
+        self.q_proj = nn.Linear(c.d_input, c.n_heads * c.head_dim, bias=c.bias)
+        self.k_proj = nn.Linear(c.d_input, c.n_kv_heads * c.head_dim, bias=c.bias)
+        self.v_proj = nn.Linear(c.d_input, c.n_kv_heads * c.head_dim, bias=c.bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=c.bias)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, qkv_delta=None, **context) -> torch.Tensor:
+        """x: (B, T, d_input). qkv_delta: optional additive (q, k, v) projections (per-invocation LoRA).
+
+        With a cache, the T new positions follow the cache's filled ones and are appended to it.
+        """
+        c = self.config
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if qkv_delta is not None:
+            q, k, v = q + qkv_delta[0], k + qkv_delta[1], v + qkv_delta[2]
+        q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
+        k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
+        v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
+        start = cache.length if cache is not None else 0
+        new = x.shape[1]
+        if c.rope:
+            cos, sin = rope_cos_sin(torch.arange(start, start + new, device=x.device), c.head_dim, c.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        mask = None
+        if start and new > 1:  # new positions see all cached ones and the causal part of their own block
+            total = start + new
+            mask = torch.ones(new, total, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and new > 1,
+                                           scale=c.softmax_scale, enable_gqa=c.n_kv_heads != c.n_heads)
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+    def allocate_cache(self, batch, max_seqlen, device=None, dtype=None) -> KVCache:
+        c = self.config
+        dtype = dtype or self.q_proj.weight.dtype
+        shape = (batch, c.n_kv_heads, max_seqlen, c.head_dim)
+        zeros = dict(device=device, dtype=dtype)
+        return KVCache(k=torch.zeros(shape, **zeros), v=torch.zeros(shape, **zeros))
+
+    def step(self, x: torch.Tensor, cache: KVCache, **context) -> torch.Tensor:
+        return self.forward(x, cache, **context)
+
+    def cache_bytes(self, batch, seq_len, dtype=torch.bfloat16) -> dict[str, int]:
+        c = self.config
+        return {"kv": 2 * batch * c.n_kv_heads * seq_len * c.head_dim * dtype.itemsize, "state": 0}
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections plus QK^T and AV, averaged over the causal positions 1..seq_len."""
+        c = self.config
+        return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj) \
+            + 2 * c.n_heads * c.head_dim * (seq_len + 1)

@@ -1,0 +1,135 @@
+"""Mamba2 state-space duality (SSD): chunked matmul form, sequential reference and single-step form.
+
+Shapes follow mamba_ssm's `mamba_chunk_scan_combined`: x: (B, L, H, P); dt: (B, L, H); A: (H,);
+B, C: (B, L, G, N) with the H heads split into G groups; D: (H,) or (H, P); z: (B, L, H, P).
+Within a chunk the output is a masked (T x T) matrix product; chunk states are passed on by a
+product with the (chunks x chunks) decay matrix. Decays enter only as exp of non-positive sums
+(`segsum`), so strong decay cannot overflow. Computed in fp32 and returned in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (..., T, T) with [i, j] = sum(x[j+1 : i+1]) for j <= i and -inf above the diagonal.
+
+    Summing masked copies (not differencing a cumsum) keeps long chunks with strong decay exact.
+    """
+    T = x.shape[-1]
+    x = repeat(x, "... i -> ... i j", j=T)  # [i, j] = x[i]; keep i > j, then sum over i
+    strict = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)
+    x = x.masked_fill(~strict, 0).cumsum(dim=-2)
+    return x.masked_fill(~strict.logical_or(torch.eye(T, dtype=torch.bool, device=x.device)), float("-inf"))
+
+
+def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit):
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit != (0.0, float("inf")):
+        dt = dt.clamp(*dt_limit)
+    heads_per_group = x.shape[2] // B.shape[2]
+    B = repeat(B.to(dtype), "b l g n -> b l (g r) n", r=heads_per_group)
+    C = repeat(C.to(dtype), "b l g n -> b l (g r) n", r=heads_per_group)
+    return x.to(dtype), dt, A.to(dtype), B, C
+
+
+def _finish(y, x, D, z, out_dtype):
+    if D is not None:
+        D = D.to(y.dtype)
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+def ssd_chunked(
+    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+    initial_states=None, return_final_states=False, dt_limit=(0.0, float("inf")),
+):
+    """SSD by chunks (matmul form); runs on CPU and GPU; any length (the last chunk is padded).
+
+    Args:
+        x: (B, L, H, P). dt: (B, L, H). A: (H,). B, C: (B, L, G, N). chunk_size: T.
+        D: (H,) or (H, P). z: (B, L, H, P) gate or None. dt_bias: (H,). dt_softplus: softplus on dt.
+        initial_states: (B, H, P, N) or None. dt_limit: clamp for dt after softplus.
+    Returns:
+        y: (B, L, H, P) in x's dtype, and the final states (B, H, P, N) in fp32 if requested.
+    """
+    out_dtype, length = x.dtype, x.shape[1]
+    x0, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit)
+    pad = -length % chunk_size
+    # Padded steps have dt = 0: decay 1 and no input, so the final state is unchanged.
+    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x0, dt, B, C))
+    x, B, C = (rearrange(t, "b (c t) h d -> b c t h d", t=chunk_size) for t in (x, B, C))
+    dA = rearrange(dt * A, "b (c t) h -> b h c t", t=chunk_size)
+    dt = rearrange(dt, "b (c t) h -> b c t h", t=chunk_size)
+    xdt = x * dt[..., None]  # (B, c, T, H, P)
+    dA_cs = dA.cumsum(dim=-1)  # (B, H, c, T)
+
+    # 1. Within each chunk: y_i = sum_{j<=i} C_i.B_j exp(sum dA[j+1..i]) dt_j x_j.
+    decay_in = torch.exp(segsum(dA))  # (B, H, c, T, T)
+    scores = torch.einsum("bcihn,bcjhn->bhcij", C, B) * decay_in
+    y = torch.einsum("bhcij,bcjhp->bcihp", scores, xdt)
+
+    # 2. State at each chunk's end from its own inputs.
+    decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # (B, H, c, T), exponents <= 0
+    states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", B, decay_to_end, xdt)
+
+    # 3. Pass states across chunks: a (c+1 x c+1) decay matrix over chunk totals.
+    if initial_states is None:
+        initial_states = torch.zeros_like(states[:, :1])
+    else:
+        initial_states = initial_states.to(states.dtype)[:, None]
+    states = torch.cat([initial_states, states], dim=1)  # (B, c+1, H, P, N)
+    decay_chunks = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)
+    carried, final = states[:, :-1], states[:, -1]
+
+    # 4. Carried state read out at every position of the next chunk.
+    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", C, carried, torch.exp(dA_cs))
+    y = rearrange(y, "b c t h p -> b (c t) h p")[:, :length]
+    y = _finish(y, x0, D, z, out_dtype)
+    return (y, final) if return_final_states else y
+
+
+def ssd_ref(
+    x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+    initial_states=None, return_final_states=False, dt_limit=(0.0, float("inf")),
+):
+    """Sequential reference of `ssd_chunked` (a loop over time; tests and benchmarks only)."""
+    out_dtype = x.dtype
+    x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit)
+    batch, length, heads, headdim = x.shape
+    h = x.new_zeros(batch, heads, headdim, B.shape[-1]) if initial_states is None else initial_states.to(x.dtype)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (B, H, 1, 1)
+        h = decay * h + torch.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], B[:, t])
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    y = _finish(torch.stack(ys, dim=1), x, D, z, out_dtype)
+    return (y, h) if return_final_states else y
+
+
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=(0.0, float("inf"))):
+    """One recurrent step; updates `state` in place.
+
+    Args:
+        state: (B, H, P, N) fp32. x, z: (B, H, P). dt: (B, H). A: (H,). B, C: (B, G, N).
+        D: (H,) or (H, P). dt_bias: (H,).
+    Returns:
+        y: (B, H, P) in x's dtype.
+    """
+    y, new_state = ssd_ref(x[:, None], dt[:, None], A, B[:, None], C[:, None], D,
+                           z[:, None] if z is not None else None, dt_bias, dt_softplus,
+                           initial_states=state, return_final_states=True, dt_limit=dt_limit)
+    state.copy_(new_state)
+    return y[:, 0]

@@ -1,0 +1,93 @@
+"""The block registry: symbol and name -> block class with a typed config.
+
+A layout string refers to blocks by symbol ("M", "M2", "A", ...); configs and CLIs refer to them by
+name ("mamba", "mamba2", "attention", ...). Both keys are unique across the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate block name or symbol."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    symbol: str
+    cls: type
+    config_cls: type
+    kind: str  # "mixer", "mlp" or "shared"
+
+
+KINDS = ("mixer", "mlp", "shared")
+_by_name: dict[str, Entry] = {}
+_by_symbol: dict[str, Entry] = {}
+
+
+def register(name: str, symbol: str, config_cls: type, kind: str):
+    """Class decorator that registers a block under a unique name and symbol.
+
+    Args:
+        name: lower-case name used in configs ("mamba2").
+        symbol: layout symbol, an upper-case letter optionally followed by digits ("M2").
+        config_cls: the block's typed config dataclass.
+        kind: "mixer" (sequence mixer), "mlp" (channel mixer) or "shared" (a weight-shared block).
+    Returns:
+        The decorator; it sets `name`, `symbol`, `config_cls` and `kind` on the class.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"block kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not (symbol[:1].isalpha() and symbol[:1].isupper() and (symbol[1:] == "" or symbol[1:].isdigit())):
+        raise ValueError(f"block symbol must be an upper-case letter and optional digits, got {symbol!r}")
+
+    def wrap(cls: type) -> type:
+        if name in _by_name:
+            raise RegistryError(f"block name {name!r} is already registered (by {_by_name[name].cls.__name__})")
+        if symbol in _by_symbol:
+            raise RegistryError(
+                f"block symbol {symbol!r} is already registered (by {_by_symbol[symbol].cls.__name__})"
+            )
+        entry = Entry(name, symbol, cls, config_cls, kind)
+        _by_name[name] = _by_symbol[symbol] = entry
+        cls.name, cls.symbol, cls.config_cls, cls.kind = name, symbol, config_cls, kind
+        return cls
+
+    return wrap
+
+
+def unregister(name: str) -> None:
+    """Remove a block (used by tests and plugins that replace a block)."""
+    entry = get(name)
+    del _by_name[entry.name], _by_symbol[entry.symbol]
+
+
+def get(key: str) -> Entry:
+    """Look a block up by name or symbol.
+
+    Raises:
+        RegistryError: naming the valid names and symbols.
+    """
+    entry = _by_name.get(key) or _by_symbol.get(key)
+    if entry is None:
+        raise RegistryError(f"unknown block {key!r}; valid blocks: {describe()}")
+    return entry
+
+
+def entries() -> list[Entry]:
+    """All registered blocks, in registration order."""
+    return list(_by_name.values())
+
+
+def symbols() -> list[str]:
+    return [e.symbol for e in entries()]
+
+
+def describe() -> str:
+    """'M (mamba), M2 (mamba2), ...' for error messages and help texts."""
+    return ", ".join(f"{e.symbol} ({e.name})" for e in entries())
