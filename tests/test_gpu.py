@@ -1,0 +1,91 @@
+"""PyTorch path vs the mamba-ssm kernels on CUDA: outputs and every gradient, fp32 and bf16.
+
+Run on a GPU machine with mamba_ssm built: `pytest -m gpu`. With HYBRIDS_GPU_REPORT=path, each test
+appends its largest relative errors to that JSON-lines file.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from blocks import ops
+from blocks.mamba import Mamba, MambaConfig
+from blocks.mamba2 import Mamba2, Mamba2Config
+from blocks.ops.backend import importable
+from tests.inputs import grads, max_rel, selective_scan_inputs, ssd_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and importable("mamba_ssm")), reason="needs CUDA and mamba_ssm"),
+]
+TOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
+
+
+def report(name, dtype, errors):
+    path = os.environ.get("HYBRIDS_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, "dtype": str(dtype), **errors}) + "\n")
+
+
+def compare(name, dtype, torch_out, kernel_out, inputs, grad_outputs=2):
+    """Largest relative errors of the outputs and of the gradients through the first `grad_outputs` outputs."""
+    errors = {"out": max(max_rel(k.float(), t.float()) for t, k in zip(torch_out, kernel_out, strict=True))}
+    gt, gk = grads(tuple(torch_out[:grad_outputs]), inputs), grads(tuple(kernel_out[:grad_outputs]), inputs)
+    errors["grad"] = max(max_rel(k.float(), t.float()) for t, k in zip(gt, gk, strict=True) if t is not None)
+    report(name, dtype, errors)
+    assert errors["out"] < TOL[dtype] and errors["grad"] < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups,length", [(1, 1000), (2, 2048)])
+def test_selective_scan_torch_vs_kernel(dtype, groups, length):
+    u, delta, A, B, C, D, z, bias = inputs = selective_scan_inputs(
+        b=2, d=128, n=16, length=length, groups=groups, dtype=torch.float32, device="cuda")
+    lowp = [t.detach().to(dtype).requires_grad_() if t.dim() == 3 or t.dim() == 4 else t for t in inputs]
+    u, delta, A, B, C, D, z, bias = lowp
+    args = (u, delta, A, B, C, D, z, bias, True, True)
+    t_out = ops.selective_scan(*args, backend="torch")
+    k_out = ops.selective_scan(*args, backend="mamba_ssm")
+    # selective_scan_fn does not backpropagate through its last state (training never needs it)
+    compare(f"selective_scan g{groups} L{length}", dtype, t_out, k_out, lowp, grad_outputs=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length,chunk", [(1000, 256), (2048, 256)])
+def test_ssd_torch_vs_kernel(dtype, length, chunk):
+    inputs = ssd_inputs(b=2, length=length, heads=8, headdim=64, groups=2, n=64, dtype=torch.float32, device="cuda")
+    lowp = [t.detach().to(dtype).requires_grad_() if t.dim() >= 3 else t for t in inputs]
+    x, dt, A, B, C, D, z, bias = lowp
+    kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True, return_final_states=True)
+    t_out = ops.ssd(x, dt, A, B, C, chunk, backend="torch", **kw)
+    k_out = ops.ssd(x, dt, A, B, C, chunk, backend="mamba_ssm", **kw)
+    compare(f"ssd L{length} chunk{chunk}", dtype, t_out, k_out, lowp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make", [
+    lambda b: Mamba(MambaConfig(d_model=256, n_heads=2, backend=b)),
+    lambda b: Mamba2(Mamba2Config(d_model=256, headdim=64, d_state=64, ngroups=2, backend=b)),
+], ids=["mamba", "mamba2"])
+def test_block_backends_agree_and_step_matches(dtype, make):
+    torch.manual_seed(0)
+    ref = make("torch").cuda().to(dtype)
+    fast = make("mamba_ssm").cuda().to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 300, 256, device="cuda", dtype=dtype)
+    y_ref, y_fast = ref(x), fast(x)
+    params = list(ref.parameters())
+    g_ref = torch.autograd.grad(y_ref.float().square().mean(), params)
+    g_fast = torch.autograd.grad(y_fast.float().square().mean(), list(fast.parameters()))
+    errors = {"out": max_rel(y_fast.float(), y_ref.float()),
+              "grad": max(max_rel(b.float(), a.float()) for a, b in zip(g_ref, g_fast, strict=True))}
+    # kernel step form vs kernel full form, after a prefill
+    with torch.no_grad():
+        cache = fast.allocate_cache(2, 300, device="cuda", dtype=dtype)
+        outs = [fast(x[:, :200], cache)] + [fast.step(x[:, t : t + 1], cache) for t in range(200, 300)]
+        errors["step"] = max_rel(torch.cat(outs, 1).float(), y_fast.float())
+    report(f"block {type(ref).__name__}", dtype, errors)
+    assert all(e < TOL[dtype] for e in errors.values()), errors
