@@ -37,7 +37,7 @@ def time_block(block, x, repeats=10) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--d-model", type=int, default=1024)
     args = p.parse_args(argv)
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
             ms, gib = time_block(make(backend).cuda().bfloat16(), x)
             out["blocks"][f"{name}/{backend}"] = {"ms": round(ms, 2), "peak_gib": round(gib, 2),
                                                   "tokens_per_s": round(args.batch * args.length / ms * 1e3)}
+            print(name, backend, out["blocks"][f"{name}/{backend}"], file=sys.stderr, flush=True)
     attn = Attention(AttentionConfig(d_model=d, n_heads=d // 64)).cuda().bfloat16()
     ms, gib = time_block(attn, x)
     out["blocks"]["attention/sdpa"] = {"ms": round(ms, 2), "peak_gib": round(gib, 2)}

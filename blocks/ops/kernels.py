@@ -5,6 +5,7 @@ Signatures mirror the PyTorch ops in this package so `blocks.ops` can dispatch w
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange, repeat
 
 from blocks.ops.backend import importable
@@ -52,11 +53,13 @@ def ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as kernel
 
     headdim, d_state = state.shape[2], state.shape[3]
+    if dt_bias is None:  # the kernel's multi-head path reads dt_bias unconditionally
+        dt_bias = dt.new_zeros(dt.shape[1], dtype=torch.float32)
     return kernel(
         state, x, repeat(dt, "b h -> b h p", p=headdim),
         repeat(A, "h -> h p n", p=headdim, n=d_state), B, C,
         D=repeat(D, "h -> h p", p=headdim) if D is not None and D.dim() == 1 else D,
-        z=z, dt_bias=repeat(dt_bias, "h -> h p", p=headdim) if dt_bias is not None else None,
+        z=z, dt_bias=repeat(dt_bias, "h -> h p", p=headdim),
         dt_softplus=dt_softplus,
     )
 
