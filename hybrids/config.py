@@ -1,0 +1,115 @@
+"""The model config: a layout plus widths and per-block options, validated, with recipes in YAML.
+
+Precedence: ModelConfig defaults < recipe file < overrides (keyword arguments or dotted keys such
+as "blocks.mamba.d_state=32"). Unknown keys are errors naming the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blocks import ConfigError, registry
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "models"
+INJECT = ("next", "residual")
+
+
+@dataclass
+class ModelConfig:
+    """A hybrid model.
+
+    layout: layout string ("6M:A*"), see hybrids.layout. depth: tile the layout to this many backbone
+    layers. blocks: per block name, overrides of that block's config (e.g. {"mamba": {"d_state": 16},
+    "shared_attention": {"concat_embeddings": False, "lora_rank": 8, "rope": True}}). inject: where a
+    shared block's output goes: "next" = added to the input of the next layer before its pre-norm (Zamba),
+    "residual" = added to the residual stream.
+    """
+
+    layout: str
+    depth: int | None = None
+    d_model: int = 128
+    vocab_size: int = 256
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    inject: str = "next"
+    backend: str = "auto"
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.inject not in INJECT:
+            raise ConfigError(f"inject must be one of {', '.join(INJECT)}, got {self.inject!r}")
+        if self.d_model <= 0 or self.vocab_size <= 0:
+            raise ConfigError("d_model and vocab_size must be positive")
+        for name, overrides in self.blocks.items():
+            entry = registry.get(name)
+            valid = {f.name for f in dataclasses.fields(entry.config_cls)} - {"d_model"}
+            unknown = set(overrides) - valid
+            if unknown:
+                raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} for block {name!r}; "
+                                  f"valid: {', '.join(sorted(valid))}")
+
+    def block_options(self, name: str) -> dict[str, Any]:
+        return dict(self.blocks.get(name, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def _set_dotted(target: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(source: str | ModelConfig, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a recipe name, a YAML path, a layout string or a config, plus overrides.
+
+    Args:
+        source: "zamba-7b" (a file in recipes/models), "path/to/model.yaml", or a layout ("6M:A*").
+        overrides: ModelConfig fields, or dotted keys ("blocks.mamba.d_state"), applied last.
+    Returns:
+        The validated config.
+    Raises:
+        ConfigError: unknown keys or bad values, with the valid choices.
+    """
+    if isinstance(source, ModelConfig):
+        data = source.to_dict()
+    elif (RECIPES / f"{source}.yaml").is_file():
+        data = yaml.safe_load((RECIPES / f"{source}.yaml").read_text())
+    elif source.endswith((".yaml", ".yml")):
+        if not Path(source).is_file():
+            raise ConfigError(f"no such model config file: {source}")
+        data = yaml.safe_load(Path(source).read_text())
+    else:
+        data = {"layout": source}
+    nested: dict = {}
+    for key, value in overrides.items():
+        _set_dotted(nested, key, value)
+    data = _merge(data, nested)
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(data) - valid
+    if unknown:
+        raise ConfigError(f"unknown model config key(s) {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(sorted(valid))}")
+    if "layout" not in data:
+        raise ConfigError("the model config needs a layout")
+    return ModelConfig(**data)

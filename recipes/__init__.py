@@ -1,0 +1,1 @@
+"""Configs: model recipes (recipes/models/*.yaml) validated against hybrids.config.ModelConfig."""
