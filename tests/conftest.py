@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._device import DeviceContext
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,6 +14,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _context_device():
+    """The device of an enclosing `with torch.device(...)`, which only sees the real torch.empty."""
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, DeviceContext):
+            return mode.device
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
     """Seed every test; fill torch.empty with NaN so that uninitialised memory shows up in results."""
@@ -20,8 +29,8 @@ def _seed_and_poison(monkeypatch):
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
-        # a `with torch.device(...)` context only recognises the real torch.empty: pass its device on
-        kwargs.setdefault("device", torch.get_default_device())
+        if kwargs.get("device") is None and (device := _context_device()) is not None:
+            kwargs["device"] = device
         t = real_empty(*args, **kwargs)
         if t.is_floating_point() and t.device.type != "meta":
             t.fill_(math.nan)
