@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,train,sweep]"
 	touch $(STAMP)
 
 setup: $(STAMP)

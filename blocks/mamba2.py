@@ -145,6 +145,8 @@ class Mamba2(Block):
         c = self.config
         # Chunked SSD per token and head (chunk T): C.B scores 2TN, scores.x 2TP, chunk state 2PN,
         # carried-state read-out 2PN. Tokens of one chunk attend to at most T = min(chunk, seq_len).
-        T = min(c.chunk_size, seq_len)
+        # backend="torch" runs chunks of at most ops.TORCH_MAX_CHUNK; "auto" is counted as the CUDA kernel.
+        chunk = min(c.chunk_size, ops.TORCH_MAX_CHUNK) if c.backend == "torch" else c.chunk_size
+        T = min(chunk, seq_len)
         ssd = c.n_heads * (2 * T * c.d_state + 2 * T * c.headdim + 4 * c.headdim * c.d_state)
         return linear_flops(self.in_proj, self.out_proj) + 2 * c.conv_dim * c.d_conv + ssd

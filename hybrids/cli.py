@@ -1,7 +1,8 @@
 """The `hybrids` command line.
 
     hybrids blocks                     list the registered blocks and their config fields
-    hybrids layout "6M:A*" --depth 78  resolve a layout string and print it
+    hybrids layout "6M:A*" --depth 78  resolve a layout string, then account for a model built from it
+    hybrids info zamba-7b              parameters, FLOPs per token and cache bytes of a recipe, YAML or layout
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import argparse
 import dataclasses
 import sys
 
+import yaml
+
 import blocks
+from hybrids import accounting
 from hybrids.layout import LayoutError, parse_layout
 
 
@@ -22,11 +26,60 @@ def _blocks(args) -> int:
     return 0
 
 
+def _stats(args, source: str, **fixed) -> accounting.Stats:
+    overrides = {**dict(args.set), **{k: v for k, v in fixed.items() if v is not None}}
+    return accounting.stats(source, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, **overrides)
+
+
 def _layout(args) -> int:
     layout = parse_layout(args.text, depth=args.depth)
     print(f"layout: {layout}")
     print(f"backbone layers: {layout.n_layers}, shared invocations: {len(layout.invocations)}")
     print(layout.describe())
+    print()
+    print(_stats(args, args.text, depth=args.depth, d_model=args.d_model).table())
+    return 0
+
+
+def _info(args) -> int:
+    print(_stats(args, args.source).table(layers=args.layers))
+    return 0
+
+
+def _assignment(text: str) -> tuple[str, object]:
+    """'blocks.mamba.d_state=32' -> ("blocks.mamba.d_state", 32); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"value of {key.strip()!r} is not valid YAML: {value!r}") from err
+
+
+def _accounting_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length of FLOPs and caches")
+    parser.add_argument("--batch", type=int, default=1, help="sequences held in the caches")
+    parser.add_argument("--dtype", default="bf16", choices=list(accounting.DTYPES), help="cache dtype")
+    parser.add_argument("--set", type=_assignment, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. blocks.mamba.d_state=32 (repeatable)")
+
+
+def _train(args) -> int:
+    from hybrids.train.config import compose, to_yaml
+
+    config = compose(args.overrides)
+    if args.cfg:
+        print(to_yaml(config), end="")
+        return 0
+    from hybrids.train.run import train
+
+    result = train(config)
+    summary = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/")}
+    print(f"run: {result.run_dir}  steps: {result.steps}  {summary}")
+    if result.stop_reason:
+        print(f"hybrids: stopped early: {result.stop_reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -34,10 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrids", description="Hybrid SSM / attention model experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("blocks", help="list the registered blocks").set_defaults(run=_blocks)
-    lay = sub.add_parser("layout", help="resolve and print a layout string")
+    lay = sub.add_parser("layout", help="resolve a layout string and account for a model built from it")
     lay.add_argument("text", help='a layout such as "6M:A*"')
     lay.add_argument("--depth", type=int, default=None, help="tile the layout to this many backbone layers")
+    lay.add_argument("--d-model", type=int, default=None, help="model width (default: the config default)")
+    _accounting_options(lay)
     lay.set_defaults(run=_layout)
+    info = sub.add_parser("info", help="parameters, FLOPs and cache bytes of a model")
+    info.add_argument("source", help='a recipe name ("zamba-7b"), a YAML file or a layout ("6M:A*")')
+    info.add_argument("--layers", action="store_true", help="also list the layout layer by layer")
+    _accounting_options(info)
+    info.set_defaults(run=_info)
+    tr = sub.add_parser("train", help="train a model: hybrids train model=zamba-tiny task=mqar trainer.max_steps=300")
+    tr.add_argument("overrides", nargs="*", help="Hydra overrides of recipes/train.yaml (key=value, group=option)")
+    tr.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
+    tr.set_defaults(run=_train)
     return parser
 
 

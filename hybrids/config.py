@@ -16,7 +16,7 @@ import yaml
 
 from blocks import ConfigError, registry
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "models"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "model"
 INJECT = ("next", "residual")
 
 
@@ -84,7 +84,7 @@ def load_config(source: str | ModelConfig, **overrides: Any) -> ModelConfig:
     """A ModelConfig from a recipe name, a YAML path, a layout string or a config, plus overrides.
 
     Args:
-        source: "zamba-7b" (a file in recipes/models), "path/to/model.yaml", or a layout ("6M:A*").
+        source: "zamba-7b" (a file in recipes/model), "path/to/model.yaml", or a layout ("6M:A*").
         overrides: ModelConfig fields, or dotted keys ("blocks.mamba.d_state"), applied last.
     Returns:
         The validated config.

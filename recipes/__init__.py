@@ -1,1 +1,1 @@
-"""Configs: model recipes (recipes/models/*.yaml) validated against hybrids.config.ModelConfig."""
+"""Configs: model recipes (recipes/model/*.yaml) validated against hybrids.config.ModelConfig."""
