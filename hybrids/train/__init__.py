@@ -1,0 +1,1 @@
+"""Training: Lightning module, tasks, LM data, schedules, tracking and checkpoints."""

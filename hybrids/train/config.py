@@ -1,0 +1,151 @@
+"""The training config: a Hydra config tree (recipes/train.yaml and its groups) checked against typed
+dataclasses. Precedence: schema defaults < recipes/train.yaml and the chosen groups < command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from blocks import ConfigError
+from hybrids.config import ModelConfig
+from hybrids.train.schedules import ScheduleConfig
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    batch_size: int = 32
+    val_every: int = 50
+    val_batches: int = 4
+    ckpt_every: int = 50
+    log_every: int = 10
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    compile: bool = False  # torch.compile the model backbone (not the LightningModule)
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///runs/mlflow.db"
+    artifacts: str = "runs/mlartifacts"
+    experiment: str = "hybrids-train"
+    parent_run_id: str | None = None  # set by sweeps: the trial's run is nested under the study's run
+    run_name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/train"
+    name: str | None = None  # None: derived from the config (model, task, hash), so a rerun resumes
+    resume: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "mqar"})
+    phase2_task: dict[str, Any] | None = None  # two-phase schedule: the phase-2 ("high-quality") data
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.trainer.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.trainer.precision!r}")
+        for key in ("max_steps", "batch_size", "val_every", "ckpt_every", "log_every"):
+            if getattr(self.trainer, key) <= 0:
+                raise ConfigError(f"trainer.{key} must be positive, got {getattr(self.trainer, key)}")
+        if "name" not in self.task:
+            raise ConfigError("task needs a name (task=mqar, task=lm, ...)")
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:
+    """Compose recipes/<config_name>.yaml with Hydra overrides and validate it.
+
+    Args:
+        overrides: Hydra override strings, e.g. ["model=mamba-tiny", "trainer.max_steps=100"].
+    Returns:
+        The typed config.
+    Raises:
+        ConfigError: with one line naming the bad key or value.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    except HydraException as err:
+        raise ConfigError(_one_line(err)) from None
+    return validate(OmegaConf.to_container(cfg, resolve=True))
+
+
+def validate(data: dict) -> TrainConfig:
+    """A plain dict (e.g. a stored resolved config) -> TrainConfig, with the schema's checks."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def run_name(config: TrainConfig) -> str:
+    """Stable name of a run: a rerun of the same command finds (and resumes) the same directory."""
+    if config.run.name:
+        return config.run.name
+    data = to_dict(config)
+    data["trainer"].pop("progress_bar", None)
+    data.pop("tracking", None)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{config.model.name or 'model'}-{config.task['name']}-{digest}"
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,102 @@
+"""The LightningModule around HybridLM: loss on scored positions, MoE balance loss, LR schedule,
+metrics, and a stop at the first non-finite loss."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from hybrids.model import HybridLM
+from hybrids.train.config import TrainConfig
+from hybrids.train.schedules import Schedule
+from hybrids.train.tasks import Batch, Task
+
+
+class StepIndices(IterableDataset):
+    """0, 1, 2, ... forever: the trainer's clock. Batches are built from `global_step`, not from these."""
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+
+class LitHybrid(L.LightningModule):
+    def __init__(self, config: TrainConfig, task: Task, schedule: Schedule):
+        super().__init__()
+        self.config, self.task, self.schedule = config, task, schedule
+        self.model = HybridLM(config.model)
+        self.backbone = torch.compile(self.model) if config.trainer.compile else self.model
+        self.stop_reason: str | None = None
+        self._tick: tuple[float, int] | None = None
+
+    def train_dataloader(self):
+        return DataLoader(StepIndices(), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(range(self.config.trainer.val_batches), batch_size=None)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        extra = {k: v.to(self.device) for k, v in batch.extra.items()}
+        return Batch(batch.input_ids.to(self.device), batch.targets.to(self.device), extra)
+
+    def _loss(self, batch: Batch):
+        logits = self.backbone(batch.input_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def training_step(self, _index, _batch_idx):
+        step = self.global_step
+        batch = self._to_device(self.task.batch(step, self.config.trainer.batch_size, "train"))
+        logits, loss = self._loss(batch)
+        total = loss
+        aux = self.model.aux_loss()
+        if aux is not None:
+            total = loss + self.config.optim.aux_loss_coef * aux
+            self.log("train/aux_loss", aux.detach(), on_step=True, batch_size=batch.input_ids.shape[0])
+        if not torch.isfinite(total):
+            # returning None skips backward and the optimizer step: the weights stay finite
+            self.stop_reason = f"non-finite loss {total.item()} at step {step}"
+            self.trainer.should_stop = True
+            return None
+        metrics = self.task.metrics(logits.detach(), batch)
+        tokens = batch.input_ids.numel()
+        size = batch.input_ids.shape[0]
+        self.log_dict({"train/loss": loss.detach(), "train/accuracy": metrics["accuracy"]}, on_step=True,
+                      prog_bar=True, batch_size=size)
+        self.log_dict({"lr": self.optimizers().param_groups[0]["lr"], "data/phase2_fraction":
+                       self.schedule.phase2_fraction(step), "tokens": float((step + 1) * tokens)}, on_step=True,
+                      batch_size=size)
+        self._log_speed(tokens)
+        return total
+
+    def _log_speed(self, tokens: int) -> None:
+        now = time.perf_counter()
+        if self._tick is not None and now > self._tick[0]:
+            self.log("perf/tokens_per_s", tokens * (self.global_step - self._tick[1]) / (now - self._tick[0]),
+                     on_step=True, prog_bar=True, batch_size=1)
+        self._tick = (now, self.global_step)
+        if self.device.type == "cuda":
+            self.log("perf/memory_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True, batch_size=1)
+
+    def validation_step(self, index, _batch_idx):
+        batch = self._to_device(self.task.batch(int(index), self.config.trainer.batch_size, "val"))
+        logits, loss = self._loss(batch)
+        metrics = {f"val/{k}": v for k, v in self.task.metrics(logits, batch).items() if math.isfinite(float(v))}
+        self.log_dict({"val/loss": loss, **metrics}, on_epoch=True, batch_size=batch.input_ids.shape[0])
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.schedule.lambda_lr(optimizer), "interval": "step"}}

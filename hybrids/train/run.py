@@ -1,0 +1,122 @@
+"""`train(config)`: one tracked, checkpointed, resumable training run.
+
+The run directory (runs/train/<name>/) holds the resolved config, the layout, csv/version_N/metrics.csv
+(one per attempt), checkpoints
+(last.ckpt and best.ckpt) and, if the run stopped early, stopped.json. Running the same config again
+resumes from last.ckpt: same data order (batches are a function of the step) and the same loss curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from blocks import ConfigError
+from hybrids.train.config import TrainConfig, flatten, run_name, to_dict, to_yaml
+from hybrids.train.data import MixedTask, make_task
+from hybrids.train.module import LitHybrid
+from hybrids.train.schedules import build_schedule
+from hybrids.train.tracking import mlflow_logger, record_stop
+
+log = logging.getLogger("hybrids")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    steps: int
+    stop_reason: str | None = None
+    mlflow_run_id: str | None = None
+    resumed_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _precision(config: TrainConfig) -> str:
+    if config.trainer.precision != "auto":
+        return config.trainer.precision
+    return "bf16-mixed" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "32-true"
+
+
+def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
+    """Build the data, schedule and module for `config`; checks that model and task fit together."""
+    task = make_task(config.task)
+    if config.model.vocab_size < task.vocab_size:
+        raise ConfigError(f"model.vocab_size = {config.model.vocab_size} is smaller than the task's vocabulary "
+                          f"({task.vocab_size}); set model.vocab_size={task.vocab_size}")
+    schedule = build_schedule(config.schedule, config.trainer.max_steps,
+                              tokens_per_step=config.trainer.batch_size * task.seq_len)
+    if config.phase2_task is not None:
+        task = MixedTask(task, make_task(config.phase2_task), schedule)
+    run_dir = Path(config.run.dir) / run_name(config)
+    return LitHybrid(config, task, schedule), run_dir
+
+
+def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train (or resume) the run described by `config`.
+
+    Args:
+        config: the validated training config.
+        callbacks: extra Lightning callbacks (sweeps add pruning).
+    Returns:
+        The run's directory, its last logged metrics, the step reached and why it stopped early, if it did.
+    """
+    L.seed_everything(config.trainer.seed, verbose=False)
+    module, run_dir = prepare(config)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+    (run_dir / "layout.txt").write_text(module.model.layout.describe() + "\n")
+    log.info("layout %s (%d layers, %d shared invocations)", module.model.layout, module.model.layout.n_layers,
+             len(module.model.layout.invocations))
+
+    loggers = [CSVLogger(run_dir, name="csv")]  # csv/version_N/metrics.csv: one per attempt, none overwritten
+    mlflow = mlflow_logger(config, run_dir) if config.tracking.enabled else None
+    if mlflow is not None:
+        loggers.append(mlflow)
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=config.trainer.ckpt_every,
+                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                           enable_version_counter=False)
+    trainer = L.Trainer(
+        max_steps=config.trainer.max_steps, val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None,
+        limit_val_batches=config.trainer.val_batches, num_sanity_val_steps=0,
+        gradient_clip_val=config.optim.grad_clip or None, precision=_precision(config),
+        accelerator=config.trainer.accelerator, devices=1, logger=loggers, callbacks=[last, best, *(callbacks or [])],
+        log_every_n_steps=config.trainer.log_every, enable_progress_bar=config.trainer.progress_bar,
+        enable_model_summary=False, default_root_dir=run_dir,
+    )
+    resume = ckpt_dir / "last.ckpt"
+    resumed_from = str(resume) if config.run.resume and resume.is_file() else None
+    if mlflow is not None and not resumed_from:
+        _log_run_inputs(mlflow, config, module, run_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        trainer.fit(module, ckpt_path=resumed_from)
+    if module.stop_reason:
+        record_stop(run_dir, module.stop_reason, mlflow)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return TrainResult(run_dir, metrics, trainer.global_step, module.stop_reason,
+                       mlflow.run_id if mlflow is not None else None, resumed_from)
+
+
+def _log_run_inputs(mlflow, config: TrainConfig, module: LitHybrid, run_dir: Path) -> None:
+    """Params: the resolved config, the layout and the model's accounting; the config file as artifact."""
+    from hybrids.accounting import stats
+
+    params = flatten(to_dict(config))
+    params["layout.resolved"] = str(module.model.layout)
+    params.update({f"stats.{k}": v for k, v in stats(module.model, seq_len=module.task.seq_len).to_dict().items()
+                   if isinstance(v, int | float | str)})
+    mlflow.log_hyperparams(params)
+    mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "config.yaml"))
+    mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "layout.txt"))
+    mlflow.experiment.set_tag(mlflow.run_id, "layout", str(module.model.layout))
