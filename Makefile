@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test bench ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,13 +15,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: the attention-spacing study at tiny scale (8 trials), then its report.
 demo: setup
-	$(VENV)/bin/hybrids blocks
-	$(PY) benchmarks/scan_speed.py --quick
+	$(VENV)/bin/hybrids sweep study=attention-spacing
+	$(VENV)/bin/hybrids report study=attention-spacing
 
 test: setup
 	$(VENV)/bin/ruff check blocks hybrids tests benchmarks
 	$(PY) -m pytest -q
+
+ui: setup
+	$(VENV)/bin/hybrids ui
 
 bench: setup
 	$(PY) benchmarks/scan_speed.py

@@ -14,7 +14,7 @@ import sys
 import yaml
 
 import blocks
-from hybrids import accounting
+from hybrids import accounting, ui
 from hybrids.layout import LayoutError, parse_layout
 
 
@@ -83,6 +83,38 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from search.objective import TrialInterrupted
+    from search.runner import run_study
+    from search.study_config import load_study
+
+    config, extra_train = load_study(args.overrides)
+    print(f"study {config.name}: {config.n_trials} trials, {config.sampler} sampler, "
+          f"storage {config.resolved_storage()}")
+    try:
+        result = run_study(config, extra_train)
+    except TrialInterrupted as err:
+        print(f"hybrids: {err}: recorded as failed; run the same command again to resume it from its checkpoint",
+              file=sys.stderr)
+        return 130
+    c = result["counts"]
+    print(f"study {config.name}: {c['done']}/{config.n_trials} done ({c['complete']} complete, {c['pruned']} pruned, "
+          f"{c['fail']} failed); recovered {result['recovered']}")
+    print(f"next: hybrids report study={config.name}")
+    return 0
+
+
+def _report(args) -> int:
+    from analysis import write_report
+
+    opts = dict(o.split("=", 1) for o in args.options if "=" in o)
+    if "study" not in opts:
+        raise blocks.ConfigError("name the study: hybrids report study=<name> [storage=...] [out=...]")
+    write_report(opts.get("storage", "sqlite:///runs/optuna.db"), opts["study"], out_dir=opts.get("out"),
+                 log_to_mlflow=opts.get("mlflow", "true").lower() != "false")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrids", description="Hybrid SSM / attention model experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="Hydra overrides of recipes/train.yaml (key=value, group=option)")
     tr.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
     tr.set_defaults(run=_train)
+    sw = sub.add_parser("sweep", help="run (or top up) a study: hybrids sweep study=attention-spacing [workers=2]")
+    sw.add_argument("overrides", nargs="*", help="study=<name>, study keys (n_trials=, workers=, storage=, ...) "
+                                                 "and train.<override> for every trial")
+    sw.set_defaults(run=_sweep)
+    rp = sub.add_parser("report", help="tables and figures of a study: hybrids report study=attention-spacing")
+    rp.add_argument("options", nargs="*", help="study=<name> [storage=URL] [out=DIR] [mlflow=false]")
+    rp.set_defaults(run=_report)
+    web = sub.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1 only) and the optuna-dashboard command")
+    ui.add_arguments(web)
+    web.set_defaults(run=ui.main_ui)
     return parser
 
 

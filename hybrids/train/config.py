@@ -85,8 +85,9 @@ class TrainConfig:
 
 
 def _one_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """Hydra and OmegaConf put the hint on later lines ("To append ... use +key=..."): keep them."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return text or type(err).__name__
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:

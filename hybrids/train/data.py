@@ -19,7 +19,8 @@ from hybrids.train.tasks import make_task as make_synthetic_task
 def make_task(config: dict[str, Any]) -> Task:
     """A Task from its config dict: {"name": "mqar", ...} or {"name": "lm", "sources": [...], ...}.
 
-    The source "stdlib" stands for the running Python's standard-library sources (offline real text).
+    The source "stdlib" stands for the running Python's standard-library sources (offline real text),
+    "stdlib/<package>" for one package of it (e.g. a curated phase-2 subset).
     """
     options = dict(config)
     name = options.pop("name")
@@ -28,8 +29,17 @@ def make_task(config: dict[str, Any]) -> Task:
     from hybrids.train.text import make_text_task, stdlib_source
 
     sources = options.pop("sources", ["stdlib"])
-    sources = [stdlib_source() if s == "stdlib" else s for s in ([sources] if isinstance(sources, str) else sources)]
+    sources = [_expand(s, stdlib_source()) for s in ([sources] if isinstance(sources, str) else sources)]
     return make_text_task(sources, **options)
+
+
+def _expand(source: str, stdlib_glob: str) -> str:
+    """"stdlib" -> the standard library's sources; "stdlib/json" -> that package's sources."""
+    if source == "stdlib":
+        return stdlib_glob
+    if source.startswith("stdlib/"):
+        return stdlib_glob.replace("**/*.py", source.removeprefix("stdlib/") + "/**/*.py")
+    return source
 
 
 class MixedTask(Task):

@@ -1,0 +1,229 @@
+"""`write_report`: a study's tables (CSV, Markdown, terminal) and figures, logged to its MLflow parent run.
+
+    runs/reports/<study>/
+        summary.md     question, metric, trial counts, best configuration, the table, the figures
+        summary.csv    one row per configuration (seeds pooled), best first
+        trials.csv     one row per trial
+        *.png          the figures the data supports (see `FIGURES`)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from analysis import figures
+from analysis.curves import trial_curves
+from analysis.frames import NOT_TABULATED, StudyMeta, load_study, summary_frame, trials_frame
+from analysis.tables import fmt_number, markdown_table, table_cells, text_table
+
+log = logging.getLogger("hybrids")
+
+# name -> (file, title); which of them a study gets, and in what order, depends on its kind (see `_plan`).
+FIGURES = {
+    "spacing": ("spacing.png", "Objective vs attention invocations"),
+    "ablation": ("ablation.png", "Objective per configuration"),
+    "curves": ("curves.png", "Loss and learning-rate curves"),
+    "importance": ("importance.png", "Parameter importance"),
+    "pareto": ("pareto.png", "Quality vs KV cache and parameters (Pareto front)"),
+}
+PLANS = {
+    "spacing": ("spacing", "pareto", "curves", "importance"),
+    "ablation": ("ablation", "pareto", "curves", "importance"),
+    "schedule": ("curves", "ablation", "importance"),
+    "generic": ("ablation", "pareto", "curves", "importance"),
+}
+
+
+@dataclass
+class ReportResult:
+    """What `write_report` wrote.
+
+    Attributes:
+        out_dir: the report's folder.
+        files: every file written (tables first, then figures).
+        figures: figure name -> PNG path, for the figures drawn.
+        skipped: figure name -> why it was not drawn.
+        text: the terminal rendering (header and aligned table).
+        markdown: the content of summary.md.
+        summary: the per-configuration frame (as in summary.csv).
+        best: the best configuration's summary row as a dict, or None without a complete trial.
+        mlflow_run_id: the parent run the files were logged to, or None.
+        notes: anything the reader should know (e.g. why nothing was logged to MLflow).
+    """
+
+    out_dir: Path
+    files: list[Path]
+    figures: dict[str, Path]
+    skipped: dict[str, str]
+    text: str
+    markdown: str
+    summary: pd.DataFrame
+    best: dict | None
+    mlflow_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _counts(df: pd.DataFrame) -> dict[str, int]:
+    states = df["state"].value_counts() if len(df) else pd.Series(dtype=int)
+    counts = {"complete": int(states.get("COMPLETE", 0)), "pruned": int(states.get("PRUNED", 0)),
+              "failed": int(states.get("FAIL", 0))}
+    counts["other"] = len(df) - sum(counts.values())  # RUNNING or WAITING: a study still in progress
+    return counts
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    text = f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed"
+    return text + (f", {counts['other']} running or waiting" if counts["other"] else "")
+
+
+def _best_text(best: dict | None, meta: StudyMeta) -> str:
+    if best is None:
+        return "none (no complete trial)"
+    spread = "" if pd.isna(best["std"]) else f" ± {fmt_number(best['std'], 2)}"
+    seeds = f"{best['n']} seed" + ("s" if best["n"] != 1 else "")
+    trial = "" if pd.isna(best.get("best_trial")) else f"; best trial #{int(best['best_trial'])}"
+    return f"{best['group']}: {meta.metric} {fmt_number(best['mean'])}{spread} over {seeds}{trial}"
+
+
+def _plan(meta: StudyMeta, study: optuna.Study, df: pd.DataFrame, summary: pd.DataFrame) -> dict[str, Callable]:
+    draw = {
+        "spacing": lambda path: figures.spacing(df, summary, meta, path),
+        "ablation": lambda path: figures.ablation(df, summary, meta, path),
+        "curves": lambda path: figures.curves(df, summary, meta, trial_curves(df), path),
+        "importance": lambda path: figures.importance(study, df, meta, path),
+        "pareto": lambda path: figures.pareto(df, summary, meta, path),
+    }
+    return {name: draw[name] for name in PLANS[meta.kind]}
+
+
+def _draw(plan: dict[str, Callable], out_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    drawn, skipped = {}, {}
+    for name, draw in plan.items():
+        path = out_dir / FIGURES[name][0]
+        path.unlink(missing_ok=True)  # a figure a re-run skips must not survive from an earlier run
+        try:
+            drawn[name] = draw(path)
+        except figures.FigureSkipped as why:
+            skipped[name] = str(why)
+        except Exception as err:  # one unexpected figure must not cost the user the whole report
+            log.warning("report: figure %s failed: %r", name, err)
+            skipped[name] = f"failed: {type(err).__name__}: {err}"
+    return drawn, skipped
+
+
+def _failures(df: pd.DataFrame) -> list[str]:
+    """One Markdown line per failed trial, with the reason the sweep recorded (e.g. a non-finite loss)."""
+    failed = df[df["state"] == "FAIL"] if len(df) else df
+    reasons = failed["fail_reason"] if "fail_reason" in failed.columns else pd.Series(None, index=failed.index)
+    return [f"- trial {n} (`{config}`): {reason if isinstance(reason, str) else 'no reason recorded'}"
+            for n, config, reason in zip(failed["number"], failed["config"], reasons, strict=True)]
+
+
+def _markdown(meta: StudyMeta, counts: dict, best: dict | None, table: str, drawn: dict, skipped: dict,
+              failures: list[str]) -> str:
+    lines = [f"# Study report: {meta.name}", ""]
+    if meta.question:
+        lines += [f"**Question:** {meta.question}", ""]
+    lines += [f"**Metric:** `{meta.metric}` ({meta.direction}) · kind: {meta.kind} · storage: `{meta.storage}`", "",
+              f"**Trials:** {_counts_text(counts)} ({sum(counts.values())} total)", "",
+              f"**Best configuration:** {_best_text(best, meta)}", "",
+              "## Configurations", "",
+              "One row per configuration, best mean first; mean ± std (sample std) over the seeds' complete trials.",
+              "", table, ""]
+    if drawn:
+        lines += ["## Figures", ""]
+        for name, path in drawn.items():
+            lines += [f"### {FIGURES[name][1]}", "", f"![{name}]({path.name})", ""]
+    if failures:
+        lines += ["## Failed trials", "", *failures, ""]
+    if skipped:
+        lines += ["## Figures not drawn", ""]
+        lines += [f"- {FIGURES[name][1]} ({FIGURES[name][0]}): {why}" for name, why in skipped.items()]
+        lines.append("")
+    lines += ["Files: summary.csv (per configuration), trials.csv (per trial)."]
+    return "\n".join(lines) + "\n"
+
+
+def _log_to_mlflow(meta: StudyMeta, files: list[Path], best: dict | None) -> tuple[str | None, str | None]:
+    """Log the report's files under "report/" of the study's parent run; returns (run id, note)."""
+    run_id, uri = meta.mlflow_parent_run_id, meta.tracking_uri
+    if not run_id or not uri:
+        return None, "not logged to MLflow: the study records no mlflow_parent_run_id / tracking_uri"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None, f"not logged to MLflow: no tracking store at {uri}"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path="report")
+        if best is not None:
+            client.log_metric(run_id, f"best/{meta.metric}", float(best["mean"]))
+            client.set_tag(run_id, "report.best_configuration", str(best["group"]))
+    except (MlflowException, OSError) as err:
+        log.warning("report: MLflow logging failed: %s", err)
+        return None, f"not logged to MLflow run {run_id}: {err}"
+    return run_id, None
+
+
+def write_report(storage, study_name: str, out_dir: str | Path | None = None,
+                 log_to_mlflow: bool = True, echo: bool = True) -> ReportResult:
+    """Write the tables and figures of a study, and log them to the study's MLflow parent run.
+
+    Args:
+        storage: the Optuna storage: an RDB URL such as sqlite:///runs/optuna.db, "journal:<path>" or the path
+            of a journal file (see `open_storage`).
+        study_name: the study's name.
+        out_dir: the report's folder; default runs/reports/<study>/.
+        log_to_mlflow: log every file under "report/" of the parent run, and the best mean as metric
+            "best/<metric>", when the study records mlflow_parent_run_id and tracking_uri.
+        echo: print the terminal table.
+    Returns:
+        A `ReportResult`: the files written, the figures drawn or skipped (with why) and the terminal text.
+    Raises:
+        ReportError: for a missing storage or an unknown study.
+    """
+    study, meta = load_study(storage, study_name)
+    df = trials_frame(study, meta)
+    summary = summary_frame(df)
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / study_name.replace(os.sep, "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = [out_dir / "summary.csv", out_dir / "trials.csv", out_dir / "summary.md"]
+    summary.to_csv(tables[0], index=False)
+    df.drop(columns=[c for c in NOT_TABULATED if c in df.columns]).to_csv(tables[1], index=False)
+
+    counts = _counts(df)
+    scored = summary[summary["n"] > 0] if len(summary) else summary
+    best = scored.iloc[0].to_dict() if len(scored) else None
+    headers, rows, numeric = table_cells(summary, meta.metric)
+    drawn, skipped = _draw(_plan(meta, study, df, summary), out_dir)
+    markdown = _markdown(meta, counts, best, markdown_table(headers, rows, numeric), drawn, skipped,
+                         _failures(df))
+    tables[2].write_text(markdown)
+    files = [*tables, *drawn.values()]
+
+    notes = []
+    run_id = None
+    if log_to_mlflow:
+        run_id, note = _log_to_mlflow(meta, files, best)
+        notes += [note] if note else []
+    lines = [f"{meta.name}" + (f" - {meta.question}" if meta.question else ""),
+             f"metric {meta.metric} ({meta.direction}); trials: {_counts_text(counts)}",
+             f"best: {_best_text(best, meta)}", "", text_table(headers, rows, numeric), ""]
+    lines += [f"figures: {', '.join(p.name for p in drawn.values()) or 'none'}"]
+    lines += [f"skipped {FIGURES[name][0]}: {why}" for name, why in skipped.items()]
+    lines += [f"report: {out_dir}/" + (f"  (logged to MLflow run {run_id} under report/)" if run_id else "")]
+    lines += notes
+    text = "\n".join(lines)
+    if echo:
+        print(text)
+    return ReportResult(out_dir, files, drawn, skipped, text, markdown, summary, best, run_id, notes)

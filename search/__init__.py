@@ -1,0 +1,1 @@
+"""Optuna studies over training configs: search spaces, objective, storage, workers, MLflow parent runs."""

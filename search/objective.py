@@ -1,0 +1,127 @@
+"""The objective of a study: one trial = one training run of the composed config.
+
+Every finished trial keeps its value, resolved config, layout, accounting and MLflow run id as user
+attrs. A retried trial uses the run directory (and so the checkpoint) of the trial it retries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from blocks import ConfigError
+from hybrids.layout import parse_layout
+from search.storage import Heartbeat, origin
+from search.study_config import Param, StudyConfig
+
+
+class TrialInterrupted(Exception):
+    """Ctrl-C or SIGTERM during a trial. Lightning turns both into SystemExit, which Optuna would not
+    catch (the trial would stay RUNNING); as an Exception it is recorded as a failed trial."""
+
+
+def suggest(trial: optuna.Trial, name: str, p: Param) -> Any:
+    if p.type == "categorical":
+        return trial.suggest_categorical(name, p.choices)
+    if p.type == "int":
+        return trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
+    return trial.suggest_float(name, p.low, p.high, log=p.log)
+
+
+def override(key: str, value: Any) -> str:
+    """A Hydra override for key=value; strings are quoted (layouts hold ':', '*', '(' ...)."""
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, str):
+        return f"{key}='{value}'"
+    return f"{key}={value}"
+
+
+def group_label(params: dict[str, Any]) -> str:
+    """The configuration without its seed, e.g. "model.layout=2M:A*"."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k != "trainer.seed") or "default"
+
+
+class Objective:
+    def __init__(self, config: StudyConfig, extra_train: list[str], parent_run_id: str | None):
+        self.config, self.extra_train, self.parent_run_id = config, extra_train, parent_run_id
+        self._width_cache: dict[tuple, int] = {}
+
+    def overrides(self, params: dict[str, Any], number: int) -> list[str]:
+        c = self.config
+        out = [*c.train, *self.extra_train]
+        for key, value in params.items():
+            out += c.variants[value] if key == "variant" else [override(key, value)]
+        out += [f"run.dir={c.runs_dir}/{c.name}", f"run.name=trial-{number:04d}", "trainer.progress_bar=false",
+                f"tracking.uri={c.tracking_uri}", f"tracking.artifacts={c.artifacts}",
+                f"tracking.experiment=study-{c.name}", override("tracking.run_name", f"trial {number}: "
+                                                                 f"{group_label(params)}")]
+        if self.parent_run_id:
+            out.append(f"tracking.parent_run_id={self.parent_run_id}")
+        if c.match:
+            out.append(f"model.d_model={self._matched_width(out)}")
+        return out
+
+    def _matched_width(self, overrides: list[str]) -> int:
+        """d_model giving this trial's model the reference's parameter (or FLOP) budget."""
+        from hybrids.accounting import match_width, stats
+        from hybrids.train.config import compose
+
+        by = self.config.match.get("by", "params")
+        if by not in ("params", "flops"):
+            raise ConfigError(f"match.by must be params or flops, got {by!r}")
+        reference = compose([*self.config.train, *self.extra_train, *self.config.match.get("reference", [])])
+        seq_len = int(reference.task.get("seq_len", 256))
+        ref = stats(reference.model, seq_len=seq_len)
+        model = compose(overrides).model
+        key = (str(model.layout), model.depth, by)
+        if key not in self._width_cache:
+            target = {"params_unique": ref.params_unique} if by == "params" else {"flops": ref.flops_forward}
+            kwargs = {"target_params": target["params_unique"]} if by == "params" else {"target_flops": target["flops"]}
+            self._width_cache[key] = match_width(model, seq_len=seq_len, **kwargs)
+        return self._width_cache[key]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from hybrids.accounting import stats
+        from hybrids.train.config import compose, to_yaml
+        from hybrids.train.run import train
+
+        c = self.config
+        params = {name: suggest(trial, name, p) for name, p in c.space.items()}
+        number = origin(trial.study, trial)
+        config = compose(self.overrides(params, number))
+        s = stats(config.model, seq_len=int(config.task.get("seq_len", 256)))
+        layout = parse_layout(s.layout)
+        n_attention = s.n_invocations + sum(1 for item in layout.items if getattr(item, "mixer", None) == "A")
+        attrs = {"config_yaml": to_yaml(config), "layout": str(layout), "n_layers": s.n_layers,
+                 "n_invocations": s.n_invocations, "n_attention": n_attention, "params_unique": s.params_unique,
+                 "flops_per_token": s.flops_forward, "kv_bytes": s.kv_cache_bytes, "state_bytes": s.state_bytes,
+                 "seed": config.trainer.seed, "group": group_label(params), "d_model": config.model.d_model}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        pruning = _pruning_callback(trial, c.metric) if c.pruner != "none" else None
+        with Heartbeat(trial, c.heartbeat_interval):
+            try:
+                result = train(config, callbacks=[pruning] if pruning else None)
+            except (KeyboardInterrupt, SystemExit):
+                raise TrialInterrupted(f"trial {trial.number} interrupted") from None
+        trial.set_user_attr("run_dir", str(result.run_dir))
+        trial.set_user_attr("mlflow_run_id", result.mlflow_run_id)
+        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
+        if pruning is not None:
+            pruning.check_pruned()
+        if result.stop_reason:
+            trial.set_user_attr("fail_reason", result.stop_reason)
+            trial.set_user_attr("no_retry", True)  # a diverged run diverges again
+            return float("nan")
+        if c.metric not in result.metrics:
+            raise ConfigError(f"metric {c.metric!r} was not logged; logged: {', '.join(sorted(result.metrics))}")
+        return result.metrics[c.metric]
+
+
+def _pruning_callback(trial: optuna.Trial, metric: str):
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    return PyTorchLightningPruningCallback(trial, monitor=metric)

@@ -1,0 +1,161 @@
+"""`run_study`: create or load a study, recover what earlier runs left, top it up to its target.
+
+Running the same command again tops the study up to `n_trials` finished (complete + pruned) trials
+instead of adding n more. `workers=N` starts N local worker processes on a shared journal or RDB
+storage; another machine joins by running the same command with the same storage URL.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from dataclasses import asdict
+
+import optuna
+from optuna.trial import TrialState
+
+from blocks import ConfigError
+from search.objective import Objective, TrialInterrupted
+from search.storage import counts, open_storage, recover
+from search.study_config import StudyConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sampler(config: StudyConfig):
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=0)
+    return optuna.samplers.RandomSampler(seed=0)  # grid points are queued up front; random fills nothing
+
+
+def _pruner(config: StudyConfig):
+    if config.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def _load(config: StudyConfig, storage) -> optuna.Study:
+    return optuna.create_study(study_name=config.name, storage=storage, direction=config.direction,
+                               sampler=_sampler(config), pruner=_pruner(config), load_if_exists=True)
+
+
+def _parent_run(config: StudyConfig, study: optuna.Study) -> str:
+    """The study's MLflow parent run (created once, reused by every top-up)."""
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        return run_id
+    from mlflow import MlflowClient
+
+    from hybrids.train.tracking import ensure_store, experiment_id
+
+    ensure_store(config.tracking_uri)
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    exp = experiment_id(client, f"study-{config.name}", config.artifacts)
+    run = client.create_run(exp, run_name=f"study {config.name}", tags={"hybrids.study": config.name})
+    for key, value in {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
+                       "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
+        client.log_param(run.info.run_id, key, value)
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def _queue_grid(config: StudyConfig, study: optuna.Study) -> int:
+    """Queue the grid points that no trial covers yet (failed ones are re-queued by `recover`)."""
+    covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+    added = 0
+    for point in config.grid()[: config.n_trials]:
+        if point not in covered:
+            study.enqueue_trial(point)
+            added += 1
+    return added
+
+
+class _StopAtTarget:
+    def __init__(self, target: int, grid: bool):
+        self.target, self.grid = target, grid
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        c = counts(study)
+        if c["done"] >= self.target or (self.grid and c["waiting"] == 0):
+            study.stop()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def work(config: StudyConfig, extra_train: list[str], parent_run_id: str | None) -> None:
+    """One worker: run trials until the study reaches its target (or, for a grid, its queue is empty)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    study = _load(config, open_storage(config.resolved_storage()))
+    grid = config.sampler == "grid"
+    if counts(study)["done"] >= config.n_trials or (grid and counts(study)["waiting"] == 0):
+        return
+    study.optimize(Objective(config, extra_train, parent_run_id), callbacks=[_StopAtTarget(config.n_trials, grid)],
+                   catch=(), gc_after_trial=True)
+
+
+def _worker_main(config_dict: dict, extra_train: list[str], parent_run_id: str | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        work(StudyConfig(**config_dict), extra_train, parent_run_id)
+    except TrialInterrupted:
+        os._exit(130)
+
+
+def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict:
+    """Recover, queue and run the study's remaining trials; returns the trial counts and what recovery did.
+
+    Raises:
+        ConfigError: bad storage for several workers, unreachable storage.
+        TrialInterrupted: Ctrl-C / SIGTERM during a trial (that trial is recorded as failed).
+    """
+    extra_train = list(extra_train or [])
+    url = config.resolved_storage()
+    if config.workers > 1 and url.startswith("sqlite"):
+        raise ConfigError("several workers need a journal file or an RDB storage "
+                          "(storage=journal:runs/optuna.journal or a postgresql:// URL), not SQLite")
+    study = _load(config, open_storage(url))
+    for key, value in {"metric": config.metric, "direction": config.direction, "question": config.question,
+                       "group_by": config.group_by(), "x": config.x, "kind": config.kind,
+                       "tracking_uri": config.tracking_uri, "n_trials": config.n_trials}.items():
+        study.set_user_attr(key, value)
+    parent = _parent_run(config, study)
+    recovered = recover(study, config.grace_period, config.max_retry)
+    queued = _queue_grid(config, study) if config.sampler == "grid" else 0
+    if config.workers == 1:
+        work(config, extra_train, parent)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // config.workers)
+        procs = [ctx.Process(target=_worker_main, args=(asdict(config), extra_train, parent, threads))
+                 for _ in range(config.workers)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()  # SIGTERM: each worker records its running trial as failed
+            for p in procs:
+                p.join()
+            raise TrialInterrupted("sweep interrupted") from None
+    final = counts(study)
+    _close_parent(config, study, final)
+    return {"counts": final, "recovered": recovered, "queued": queued, "storage": url}
+
+
+def _close_parent(config: StudyConfig, study: optuna.Study, final: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    run_id = study.user_attrs["mlflow_parent_run_id"]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if complete:
+        client.log_metric(run_id, f"best/{config.metric}", study.best_value)
+    client.log_metric(run_id, "trials_done", final["done"])
+    client.set_terminated(run_id, "FINISHED" if final["done"] >= config.n_trials else "RUNNING")
