@@ -4,6 +4,7 @@ metrics, and a stop at the first non-finite loss."""
 from __future__ import annotations
 
 import math
+import resource
 import time
 
 import lightning as L
@@ -83,7 +84,10 @@ class LitHybrid(L.LightningModule):
                      on_step=True, prog_bar=True, batch_size=1)
         self._tick = (now, self.global_step)
         if self.device.type == "cuda":
-            self.log("perf/memory_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True, batch_size=1)
+            memory = torch.cuda.max_memory_allocated() / 2**30
+        else:  # peak resident memory of the process (Linux reports KiB)
+            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self.log("perf/memory_gib", memory, on_step=True, batch_size=1)
 
     def validation_step(self, index, _batch_idx):
         batch = self._to_device(self.task.batch(int(index), self.config.trainer.batch_size, "val"))
