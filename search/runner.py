@@ -7,9 +7,11 @@ storage; another machine joins by running the same command with the same storage
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
+import warnings
 from dataclasses import asdict
 
 import optuna
@@ -72,10 +74,16 @@ def _queue_grid(config: StudyConfig, study: optuna.Study) -> int:
 
 
 class _StopAtTarget:
+    """After each trial: print one line for it, and stop the study once its target is reached."""
+
     def __init__(self, target: int, grid: bool):
         self.target, self.grid = target, grid
 
     def __call__(self, study: optuna.Study, trial) -> None:
+        value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        reason = trial.user_attrs.get("fail_reason", "")
+        print(f"trial {trial.number:>3} {trial.state.name.lower():<8} {value:>8}  {trial.user_attrs.get('group', '')}"
+              f"  {trial.user_attrs.get('layout', '')} {reason}", flush=True)
         c = counts(study)
         if c["done"] >= self.target or (self.grid and c["waiting"] == 0):
             study.stop()
@@ -85,9 +93,17 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _quiet() -> None:
+    """One line per trial instead of Lightning's and MLflow's banners for every run."""
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def work(config: StudyConfig, extra_train: list[str], parent_run_id: str | None) -> None:
     """One worker: run trials until the study reaches its target (or, for a grid, its queue is empty)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    _quiet()
     study = _load(config, open_storage(config.resolved_storage()))
     grid = config.sampler == "grid"
     if counts(study)["done"] >= config.n_trials or (grid and counts(study)["waiting"] == 0):
@@ -118,6 +134,7 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
     if config.workers > 1 and url.startswith("sqlite"):
         raise ConfigError("several workers need a journal file or an RDB storage "
                           "(storage=journal:runs/optuna.journal or a postgresql:// URL), not SQLite")
+    _quiet()
     study = _load(config, open_storage(url))
     for key, value in {"metric": config.metric, "direction": config.direction, "question": config.question,
                        "group_by": config.group_by(), "x": config.x, "kind": config.kind,
