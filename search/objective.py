@@ -31,12 +31,13 @@ def suggest(trial: optuna.Trial, name: str, p: Param) -> Any:
 
 
 def override(key: str, value: Any) -> str:
-    """A Hydra override for key=value; strings are quoted (layouts hold ':', '*', '(' ...)."""
+    """A Hydra override setting key to value whether or not the recipe has the key ("++"), so that a
+    study can vary any block option; strings are quoted (layouts hold ':', '*', '(' ...)."""
     if isinstance(value, bool):
-        return f"{key}={str(value).lower()}"
+        return f"++{key}={str(value).lower()}"
     if isinstance(value, str):
-        return f"{key}='{value}'"
-    return f"{key}={value}"
+        return f"++{key}='{value}'"
+    return f"++{key}={value}"
 
 
 def group_label(params: dict[str, Any]) -> str:

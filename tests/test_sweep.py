@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from hybrids.cli import main
 from search.storage import counts
+from search.study_config import STUDIES
 
 FAST = ["train.trainer.max_steps=6", "train.trainer.val_every=3", "train.trainer.ckpt_every=3",
         "train.trainer.val_batches=1", "train.schedule.warmup_steps=1", "train.trainer.batch_size=8"]
@@ -112,3 +113,17 @@ def test_sigterm_records_the_trial_as_failed_never_running(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES.glob("*.yaml")))
+def test_every_shipped_study_composes_its_trials(name):
+    from hybrids.train.config import compose
+    from search.objective import Objective
+    from search.study_config import load_study
+
+    config, extra = load_study([f"study={name}"])
+    assert config.n_trials >= 2 and config.question
+    objective = Objective(config, extra, parent_run_id=None)
+    for point in config.grid()[:2]:
+        trial_config = compose(objective.overrides(point, 0))
+        assert trial_config.run.name == "trial-0000"
