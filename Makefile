@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/hybrids report study=attention-spacing
 
 test: setup
-	$(VENV)/bin/ruff check blocks hybrids tests benchmarks
+	$(VENV)/bin/ruff check blocks hybrids search analysis recipes tests benchmarks
 	$(PY) -m pytest -q
 
 ui: setup

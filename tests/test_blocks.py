@@ -182,3 +182,12 @@ def test_blocks_build_on_meta_device():
     with torch.device("meta"):
         block = Mamba(MambaConfig(d_model=4096, d_state=16, n_heads=2))
     assert block.A_log.is_meta and sum(p.numel() for p in block.parameters()) > 10**8
+
+
+def test_mamba_ssm_is_never_imported_on_cpu():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, blocks, hybrids.model as hm; m = hm.build('zamba-tiny'); m(torch.zeros(1, 4).long());"
+            "m.generate(torch.zeros(1, 2).long(), 2); assert 'mamba_ssm' not in sys.modules, 'imported'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

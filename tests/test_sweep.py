@@ -62,10 +62,13 @@ def test_unknown_study_and_sqlite_with_workers_fail_in_one_line(tmp_path, capsys
     assert "several workers need a journal file or an RDB storage" in capsys.readouterr().err
 
 
+SLOW = ["n_trials=2", "seeds=[0]", "train.trainer.max_steps=150", "train.trainer.val_every=75",
+        "train.trainer.ckpt_every=5", "train.trainer.val_batches=1", "train.schedule.warmup_steps=1",
+        "train.trainer.batch_size=8"]
+
+
 def _sweep_process(tmp_path, *extra):
-    cmd = [sys.executable, "-m", "hybrids.cli", "sweep", *args(tmp_path, "n_trials=2", "seeds=[0]",
-           "train.trainer.max_steps=400", "train.trainer.val_every=200", "train.trainer.ckpt_every=5",
-           "train.trainer.val_batches=1", "train.schedule.warmup_steps=1", "train.trainer.batch_size=8", *extra)]
+    cmd = [sys.executable, "-m", "hybrids.cli", "sweep", *args(tmp_path, *SLOW, *extra)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -89,8 +92,7 @@ def test_worker_killed_mid_trial_is_recovered_without_loss_or_duplicates(tmp_pat
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
     time.sleep(2.5)
     # the restart sees a stale heartbeat: the trial is failed and retried from its own checkpoint
-    code = main(["sweep", *args(tmp_path, "n_trials=2", "seeds=[0]", "grace_period=2", "heartbeat_interval=0.5",
-                                *FAST, "train.trainer.max_steps=12")])
+    code = main(["sweep", *args(tmp_path, *SLOW, "grace_period=2", "heartbeat_interval=0.5")])
     assert code == 0
     trials = load(tmp_path).get_trials()
     states = [t.state for t in trials]

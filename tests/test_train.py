@@ -124,3 +124,11 @@ def test_mlflow_run_has_params_metrics_and_config_artifact(tmp_path):
     assert len(history) == 6 and "val/accuracy" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "layout.txt"} <= artifacts
+
+
+def test_rerun_of_a_finished_run_still_reports_its_metrics(tmp_path):
+    cfg = config(tmp_path, "trainer.max_steps=6", "trainer.val_every=100", "trainer.ckpt_every=3")
+    first = train(cfg)
+    again = train(cfg)  # resumes at max_steps: no step runs, the metrics come from a validation pass
+    assert again.resumed_from is not None and again.steps == 6
+    assert again.metrics["val/accuracy"] == pytest.approx(first.metrics["val/accuracy"])

@@ -101,6 +101,9 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
         trainer.fit(module, ckpt_path=resumed_from)
+        if module.stop_reason is None and not any(k.startswith("val/") for k in trainer.callback_metrics):
+            # resumed at max_steps (killed after its last checkpoint): nothing ran, so score the weights now
+            trainer.validate(module, verbose=False)
     if module.stop_reason:
         record_stop(run_dir, module.stop_reason, mlflow)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
