@@ -109,16 +109,25 @@ def _shared(w: WeightMap, s: SharedAttention, q: str) -> None:
     w.params(s.pre_ff_norm, q + "pre_ff_layernorm.")
 
 
+def backbone_weights(w: WeightMap, model: HybridLM, calls: list[tuple[int, str, int]], mixer) -> None:
+    """Map the backbone layers of a Zamba-family model: HF nests a hybrid layer's Mamba under mamba_decoder.
+
+    Args:
+        mixer: maps one mixer, e.g. `_mamba(w, mixer, prefix)`.
+    """
+    hybrid = {layer for layer, _, _ in calls}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}." + ("mamba_decoder." if i in hybrid else "")
+        w.params(layer.mixer_norm, p + "input_layernorm.")
+        mixer(w, layer.mixer, p + "mamba.")
+
+
 def weight_map(model: HybridLM, hf_config, keys: set[str]) -> WeightMap:
     """HybridLM parameter <-> HF ZambaForCausalLM state-dict entries."""
     w = WeightMap()
     embeddings(w, model)
     calls = invocations(model)
-    hybrid = {layer for layer, _, _ in calls}
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}." + ("mamba_decoder." if i in hybrid else "")
-        w.params(layer.mixer_norm, p + "input_layernorm.")
-        _mamba(w, layer.mixer, p + "mamba.")
+    backbone_weights(w, model, calls, _mamba)
     if calls:
         q = f"model.layers.{calls[0][0]}.shared_transf."
         s = model.shared[calls[0][1]]

@@ -25,7 +25,7 @@ from hybrids.hf_interop import (
     invocations,
     require,
 )
-from hybrids.hf_zamba import same_config, shared_config, star_layout
+from hybrids.hf_zamba import backbone_weights, same_config, shared_config, star_layout
 from hybrids.model import HybridLM
 
 NORM_EPS = 1e-5  # HF's Zamba2RMSNormGated in the mixer is built with eps=1e-5, whatever the config says
@@ -92,11 +92,7 @@ def weight_map(model: HybridLM, hf_config, keys: set[str]) -> WeightMap:
     w = WeightMap()
     embeddings(w, model)
     calls = invocations(model)
-    hybrid = {layer for layer, _, _ in calls}
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}." + ("mamba_decoder." if i in hybrid else "")
-        w.params(layer.mixer_norm, p + "input_layernorm.")
-        _mamba2(w, layer.mixer, p + "mamba.")
+    backbone_weights(w, model, calls, _mamba2)
     canonical: dict[str, str] = {}  # shared key -> HF prefix of its first hybrid layer
     for g, (layer, key, j) in enumerate(calls):
         if key not in canonical:
