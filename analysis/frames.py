@@ -14,6 +14,7 @@ import pandas as pd
 
 import blocks
 from hybrids.layout import Layer, parse_layout
+from search import storage as search_storage
 
 DEFAULT_STORAGE = "sqlite:///runs/optuna.db"
 ACCOUNTING = ("layout", "d_model", "n_layers", "n_invocations", "n_attention", "params_unique", "flops_per_token",
@@ -48,37 +49,31 @@ class StudyMeta:
         return asdict(self)
 
 
-def open_storage(storage) -> optuna.storages.BaseStorage | str:
+def open_storage(storage) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL, a journal file or a storage object.
 
     Args:
         storage: an RDB URL ("sqlite:///runs/optuna.db", "postgresql://..."), "journal:<path>" or a path to a
             journal file (JournalFileBackend), a path to a SQLite file, or an Optuna storage object.
     Returns:
-        Something `optuna.load_study` accepts.
+        The storage, opened by `search.storage.open_storage`.
     Raises:
-        ReportError: when a file-based storage does not exist (Optuna would silently create an empty one).
+        ReportError: when a file-based storage does not exist (opening would silently create an empty one).
     """
     if not isinstance(storage, str | Path):
         return storage
     text = str(storage)
-    if text.startswith("sqlite:///"):
-        path = Path(text.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise ReportError(f"no Optuna storage at {path} (from {text!r}); run a study first or pass storage=...")
-        return text
-    if "://" in text:
-        return text
-    path = Path(text.removeprefix("journal:")).expanduser()
-    if not path.is_file():
-        raise ReportError(f"no Optuna storage at {path}; pass an RDB URL such as sqlite:///runs/optuna.db "
-                          "or the path of a journal file")
-    if path.suffix in (".db", ".sqlite", ".sqlite3") and not text.startswith("journal:"):
-        return f"sqlite:///{path}"
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in text and not text.startswith("journal:"):
+        path = Path(text).expanduser()
+        text = f"sqlite:///{path}" if path.suffix in (".db", ".sqlite", ".sqlite3") else f"journal:{path}"
+    for prefix in ("sqlite:///", "journal:"):
+        if text.startswith(prefix):
+            path = Path(text.removeprefix(prefix)).expanduser()
+            if not path.is_file():
+                raise ReportError(f"no Optuna storage at {path} (from {storage!r}); run a study first or pass an "
+                                  "RDB URL such as sqlite:///runs/optuna.db or the path of a journal file")
+            text = prefix + str(path)
+    return search_storage.open_storage(text)
 
 
 def load_study(storage, study_name: str) -> tuple[optuna.Study, StudyMeta]:
