@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from blocks import Block, Cache, registry
+from blocks import Block, Cache, KVCache, registry
 from blocks.norm import RMSNorm
 from hybrids.config import ModelConfig, load_config
 from hybrids.layout import Layer as LayerSpec
@@ -62,7 +62,7 @@ class HybridCache:
         out = {"kv": 0, "state": 0}
         for c in self.items:
             if c is not None:
-                out["kv" if hasattr(c, "k") else "state"] += c.nbytes()
+                out["kv" if isinstance(c, KVCache) else "state"] += c.nbytes()
         return out
 
 

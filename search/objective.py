@@ -6,6 +6,8 @@ attrs. A retried trial uses the run directory (and so the checkpoint) of the tri
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from typing import Any
 
@@ -48,7 +50,7 @@ def group_label(params: dict[str, Any]) -> str:
 class Objective:
     def __init__(self, config: StudyConfig, extra_train: list[str], parent_run_id: str | None):
         self.config, self.extra_train, self.parent_run_id = config, extra_train, parent_run_id
-        self._width_cache: dict[tuple, int] = {}
+        self._width_cache: dict[str, int] = {}
 
     def overrides(self, params: dict[str, Any], number: int) -> list[str]:
         c = self.config
@@ -65,9 +67,10 @@ class Objective:
             out.append(f"model.d_model={self._matched_width(out)}")
         return out
 
-    def _matched_width(self, overrides: list[str]) -> int:
-        """d_model giving this trial's model the reference's parameter (or FLOP) budget."""
-        from hybrids.accounting import match_width, stats
+    @functools.cached_property
+    def _match_target(self) -> tuple[dict[str, int], int]:
+        """The reference's budget as match_width keywords, and the sequence length of the FLOP count."""
+        from hybrids.accounting import stats
         from hybrids.train.config import compose
 
         by = self.config.match.get("by", "params")
@@ -76,12 +79,19 @@ class Objective:
         reference = compose([*self.config.train, *self.extra_train, *self.config.match.get("reference", [])])
         seq_len = int(reference.task.get("seq_len", 256))
         ref = stats(reference.model, seq_len=seq_len)
+        target = {"target_params": ref.params_unique} if by == "params" else {"target_flops": ref.flops_forward}
+        return target, seq_len
+
+    def _matched_width(self, overrides: list[str]) -> int:
+        """d_model giving this trial's model the reference's parameter (or FLOP) budget."""
+        from hybrids.accounting import match_width
+        from hybrids.train.config import compose
+
+        target, seq_len = self._match_target
         model = compose(overrides).model
-        key = (str(model.layout), model.depth, by)
+        key = json.dumps({**model.to_dict(), "d_model": None}, sort_keys=True, default=str)
         if key not in self._width_cache:
-            target = {"params_unique": ref.params_unique} if by == "params" else {"flops": ref.flops_forward}
-            kwargs = {"target_params": target["params_unique"]} if by == "params" else {"target_flops": target["flops"]}
-            self._width_cache[key] = match_width(model, seq_len=seq_len, **kwargs)
+            self._width_cache[key] = match_width(model, seq_len=seq_len, **target)
         return self._width_cache[key]
 
     def __call__(self, trial: optuna.Trial) -> float:

@@ -106,7 +106,8 @@ def work(config: StudyConfig, extra_train: list[str], parent_run_id: str | None)
     _quiet()
     study = _load(config, open_storage(config.resolved_storage()))
     grid = config.sampler == "grid"
-    if counts(study)["done"] >= config.n_trials or (grid and counts(study)["waiting"] == 0):
+    c = counts(study)
+    if c["done"] >= config.n_trials or (grid and c["waiting"] == 0):
         return
     study.optimize(Objective(config, extra_train, parent_run_id), callbacks=[_StopAtTarget(config.n_trials, grid)],
                    catch=(), gc_after_trial=True)
