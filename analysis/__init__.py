@@ -1,6 +1,6 @@
 """Studies and runs as tables and figures: `study_frame`, `summary_frame`, `write_report`.
 
-Reads what search/ and hybrids.train write (Optuna studies, run directories, MLflow runs); nothing imports it back.
+Reads what search/ and hybrids.training write (Optuna studies, run directories, MLflow runs); nothing imports it back.
 """
 
 from analysis.frames import DEFAULT_STORAGE, ReportError, StudyMeta, load_study, study_frame, summary_frame

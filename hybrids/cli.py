@@ -66,13 +66,13 @@ def _accounting_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from hybrids.train.config import compose, to_yaml
+    from hybrids.training.config import compose, to_yaml
 
     config = compose(args.overrides)
     if args.cfg:
         print(to_yaml(config), end="")
         return 0
-    from hybrids.train.run import train
+    from hybrids.training.run import train
 
     result = train(config)
     summary = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/")}

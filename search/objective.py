@@ -71,7 +71,7 @@ class Objective:
     def _match_target(self) -> tuple[dict[str, int], int]:
         """The reference's budget as match_width keywords, and the sequence length of the FLOP count."""
         from hybrids.accounting import stats
-        from hybrids.train.config import compose
+        from hybrids.training.config import compose
 
         by = self.config.match.get("by", "params")
         if by not in ("params", "flops"):
@@ -85,7 +85,7 @@ class Objective:
     def _matched_width(self, overrides: list[str]) -> int:
         """d_model giving this trial's model the reference's parameter (or FLOP) budget."""
         from hybrids.accounting import match_width
-        from hybrids.train.config import compose
+        from hybrids.training.config import compose
 
         target, seq_len = self._match_target
         model = compose(overrides).model
@@ -96,8 +96,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         from hybrids.accounting import stats
-        from hybrids.train.config import compose, to_yaml
-        from hybrids.train.run import train
+        from hybrids.training.config import compose, to_yaml
+        from hybrids.training.run import train
 
         c = self.config
         params = {name: suggest(trial, name, p) for name, p in c.space.items()}

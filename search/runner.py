@@ -49,7 +49,7 @@ def _parent_run(config: StudyConfig, study: optuna.Study) -> str:
         return run_id
     from mlflow import MlflowClient
 
-    from hybrids.train.tracking import ensure_store, experiment_id
+    from hybrids.training.tracking import ensure_store, experiment_id
 
     ensure_store(config.tracking_uri)
     client = MlflowClient(tracking_uri=config.tracking_uri)

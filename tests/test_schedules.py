@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from blocks import ConfigError
-from hybrids.train.schedules import DECAY_SHAPES, SCHEDULES, ScheduleConfig, build_schedule
+from hybrids.training.schedules import DECAY_SHAPES, SCHEDULES, ScheduleConfig, build_schedule
 
 approx = pytest.approx
 

@@ -119,7 +119,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES.glob("*.yaml")))
 def test_every_shipped_study_composes_its_trials(name):
-    from hybrids.train.config import compose
+    from hybrids.training.config import compose
     from search.objective import Objective
     from search.study_config import load_study
 

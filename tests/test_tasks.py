@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocks import ConfigError
-from hybrids.train.tasks import (
+from hybrids.training.tasks import (
     IGNORE_INDEX,
     TASKS,
     Batch,
@@ -59,7 +59,7 @@ def test_batches_are_a_pure_function_of_seed_split_index(name):
 
 def test_batch_seed_is_stable_across_processes():
     here = batch_seed("mqar", 0, "train", 7)
-    code = "from hybrids.train.tasks import batch_seed; print(batch_seed('mqar', 0, 'train', 7))"
+    code = "from hybrids.training.tasks import batch_seed; print(batch_seed('mqar', 0, 'train', 7))"
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(there) == here
     assert 0 <= here < 2**63

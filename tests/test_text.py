@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from blocks import ConfigError
-from hybrids.train import tokenizer
-from hybrids.train.tasks import Batch
-from hybrids.train.text import TextTask, make_text_task, permute, stdlib_source
-from hybrids.train.tokenizer import resolve_sources
+from hybrids.training import tokenizer
+from hybrids.training.tasks import Batch
+from hybrids.training.text import TextTask, make_text_task, permute, stdlib_source
+from hybrids.training.tokenizer import resolve_sources
 
 SEQ = 32
 FILES = {

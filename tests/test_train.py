@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hybrids.cli import main
-from hybrids.train.config import compose
-from hybrids.train.run import train
+from hybrids.training.config import compose
+from hybrids.training.run import train
 
 QUICK = ["schedule.warmup_steps=2", "task.num_kv_pairs=4", "task.seq_len=32", "task.vocab_size=64",
          "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.log_every=1"]

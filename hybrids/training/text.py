@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from blocks import ConfigError
-from hybrids.train.tasks import IGNORE_INDEX, Batch, Task, accuracy, score
-from hybrids.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, tokenize_corpus, write_json
+from hybrids.training.tasks import IGNORE_INDEX, Batch, Task, accuracy, score
+from hybrids.training.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, tokenize_corpus, write_json
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from blocks import ConfigError
-from hybrids.train.schedules import Schedule
-from hybrids.train.tasks import Batch, Task
-from hybrids.train.tasks import make_task as make_synthetic_task
+from hybrids.training.schedules import Schedule
+from hybrids.training.tasks import Batch, Task
+from hybrids.training.tasks import make_task as make_synthetic_task
 
 
 def make_task(config: dict[str, Any]) -> Task:
@@ -26,7 +26,7 @@ def make_task(config: dict[str, Any]) -> Task:
     name = options.pop("name")
     if name != "lm":
         return make_synthetic_task(name, **options)
-    from hybrids.train.text import make_text_task, stdlib_source
+    from hybrids.training.text import make_text_task, stdlib_source
 
     sources = options.pop("sources", ["stdlib"])
     sources = [_expand(s, stdlib_source()) for s in ([sources] if isinstance(sources, str) else sources)]

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from hybrids.train.config import TrainConfig
+from hybrids.training.config import TrainConfig
 
 
 def ensure_store(uri: str) -> None:

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from blocks import ConfigError
 from hybrids.config import ModelConfig
-from hybrids.train.schedules import ScheduleConfig
+from hybrids.training.schedules import ScheduleConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")

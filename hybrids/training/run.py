@@ -19,11 +19,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from blocks import ConfigError
-from hybrids.train.config import TrainConfig, flatten, run_name, to_dict, to_yaml
-from hybrids.train.data import MixedTask, make_task
-from hybrids.train.module import LitHybrid
-from hybrids.train.schedules import build_schedule
-from hybrids.train.tracking import mlflow_logger, record_stop
+from hybrids.training.config import TrainConfig, flatten, run_name, to_dict, to_yaml
+from hybrids.training.data import MixedTask, make_task
+from hybrids.training.module import LitHybrid
+from hybrids.training.schedules import build_schedule
+from hybrids.training.tracking import mlflow_logger, record_stop
 
 log = logging.getLogger("hybrids")
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from hybrids.model import HybridLM
-from hybrids.train.config import TrainConfig
-from hybrids.train.schedules import Schedule
-from hybrids.train.tasks import Batch, Task
+from hybrids.training.config import TrainConfig
+from hybrids.training.schedules import Schedule
+from hybrids.training.tasks import Batch, Task
 
 
 class StepIndices(IterableDataset):
