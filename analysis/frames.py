@@ -15,6 +15,7 @@ import pandas as pd
 import blocks
 from hybrids.layout import Layer, parse_layout
 from search import storage as search_storage
+from search.identity import base_name, versions
 
 DEFAULT_STORAGE = "sqlite:///runs/optuna.db"
 ACCOUNTING = ("layout", "d_model", "n_layers", "n_invocations", "n_attention", "params_unique", "flops_per_token",
@@ -44,6 +45,8 @@ class StudyMeta:
     kind: str = "generic"
     mlflow_parent_run_id: str | None = None
     tracking_uri: str | None = None
+    uid: str | None = None  # the study's own id (search.identity): keys its report folder
+    versions: list[str] = field(default_factory=list)  # other versions of the study in the same storage
 
     def as_attrs(self) -> dict:
         return asdict(self)
@@ -95,7 +98,8 @@ def load_study(storage, study_name: str) -> tuple[optuna.Study, StudyMeta]:
         name=study_name, storage=str(storage), metric=attrs.get("metric") or "value", direction=direction,
         question=attrs.get("question") or "", group_by=list(attrs.get("group_by") or []), x=attrs.get("x") or None,
         kind=kind if kind in KINDS else "generic", mlflow_parent_run_id=attrs.get("mlflow_parent_run_id"),
-        tracking_uri=attrs.get("tracking_uri"))
+        tracking_uri=attrs.get("tracking_uri"), uid=attrs.get("uid"),
+        versions=[n for _, n in versions(opened, base_name(study_name)) if n != study_name])
     return study, meta
 
 

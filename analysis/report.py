@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import pandas as pd
 
 from analysis import figures
 from analysis.curves import trial_curves
-from analysis.frames import NOT_TABULATED, StudyMeta, load_study, summary_frame, trials_frame
+from analysis.frames import NOT_TABULATED, ReportError, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
 
 log = logging.getLogger("hybrids")
@@ -175,6 +176,32 @@ def _log_to_mlflow(meta: StudyMeta, files: list[Path], best: dict | None) -> tup
     return run_id, None
 
 
+def _folder(meta: StudyMeta) -> str:
+    """`<study>-<uid>`: a same-named study in another storage gets its own folder."""
+    name = meta.name.replace(os.sep, "_")
+    return f"{name}-{meta.uid}" if meta.uid else name
+
+
+def _claim(out_dir: Path, meta: StudyMeta) -> Path:
+    """Create the report folder and mark it as this study's; refuse a folder that holds another study's report.
+
+    Raises:
+        ReportError: when `out_dir` holds the report of a different study.
+    """
+    marker = out_dir / "study.json"
+    mine = {"study": meta.name, "storage": meta.storage, "uid": meta.uid}
+    if marker.is_file():
+        theirs = json.loads(marker.read_text())
+        if theirs.get("uid") != meta.uid or (meta.uid is None and theirs != mine):
+            raise ReportError(f"{out_dir} holds the report of another study ({theirs.get('study')} in "
+                              f"{theirs.get('storage')}, uid {theirs.get('uid')}); choose another out=")
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ReportError(f"{out_dir} is not empty and holds no study report; choose another out=")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(mine) + "\n")
+    return out_dir
+
+
 def write_report(storage, study_name: str, out_dir: str | Path | None = None,
                  log_to_mlflow: bool = True, echo: bool = True) -> ReportResult:
     """Write the tables and figures of a study, and log them to the study's MLflow parent run.
@@ -183,7 +210,9 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
         storage: the Optuna storage: an RDB URL such as sqlite:///runs/optuna.db, "journal:<path>" or the path
             of a journal file (see `open_storage`).
         study_name: the study's name.
-        out_dir: the report's folder; default runs/reports/<study>/.
+        out_dir: the report's folder; default runs/reports/<study>-<uid>/ (the study's own id, so that a
+            same-named study in another storage never overwrites it). A folder that holds another study's
+            report is refused.
         log_to_mlflow: log every file under "report/" of the parent run, and the best mean as metric
             "best/<metric>", when the study records mlflow_parent_run_id and tracking_uri.
         echo: print the terminal table.
@@ -195,8 +224,7 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     study, meta = load_study(storage, study_name)
     df = trials_frame(study, meta)
     summary = summary_frame(df)
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / study_name.replace(os.sep, "_")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _claim(Path(out_dir) if out_dir is not None else Path("runs") / "reports" / _folder(meta), meta)
     tables = [out_dir / "summary.csv", out_dir / "trials.csv", out_dir / "summary.md"]
     summary.to_csv(tables[0], index=False)
     df.drop(columns=[c for c in NOT_TABULATED if c in df.columns]).to_csv(tables[1], index=False)
@@ -223,6 +251,9 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     lines += [f"skipped {FIGURES[name][0]}: {why}" for name, why in skipped.items()]
     lines += [f"report: {out_dir}/" + (f"  (logged to MLflow run {run_id} under report/)" if run_id else "")]
     lines += notes
+    if meta.versions:
+        lines += [f"other versions of this study in the storage: {', '.join(meta.versions)} (report one with "
+                  f"study=<name>)"]
     text = "\n".join(lines)
     if echo:
         print(text)

@@ -97,10 +97,11 @@ def _sweep(args) -> int:
         print(f"hybrids: {err}: recorded as failed; run the same command again to resume it from its checkpoint",
               file=sys.stderr)
         return 130
-    c = result["counts"]
-    print(f"study {config.name}: {c['done']}/{config.n_trials} done ({c['complete']} complete, {c['pruned']} pruned, "
+    c, name = result["counts"], result["study"].name
+    print(f"study {name}: {c['done']}/{config.n_trials} done ({c['complete']} complete, {c['pruned']} pruned, "
           f"{c['fail']} failed); recovered {result['recovered']}")
-    print(f"next: hybrids report study={config.name}")
+    storage = "" if result["storage"] == "sqlite:///runs/optuna.db" else f" storage={result['storage']}"
+    print(f"next: hybrids report study={name}{storage}")
     return 0
 
 

@@ -15,6 +15,7 @@ import optuna
 
 from blocks import ConfigError
 from hybrids.layout import parse_layout
+from search.identity import StudyIdentity
 from search.storage import Heartbeat, origin
 from search.study_config import Param, StudyConfig
 
@@ -48,8 +49,10 @@ def group_label(params: dict[str, Any]) -> str:
 
 
 class Objective:
-    def __init__(self, config: StudyConfig, extra_train: list[str], parent_run_id: str | None):
-        self.config, self.extra_train, self.parent_run_id = config, extra_train, parent_run_id
+    def __init__(self, config: StudyConfig, identity: StudyIdentity, extra_train: list[str],
+                 parent_run_id: str | None):
+        self.config, self.identity = config, identity
+        self.extra_train, self.parent_run_id = extra_train, parent_run_id
         self._width_cache: dict[str, int] = {}
 
     def overrides(self, params: dict[str, Any], number: int) -> list[str]:
@@ -57,7 +60,9 @@ class Objective:
         out = [*c.train, *self.extra_train]
         for key, value in params.items():
             out += c.variants[value] if key == "variant" else [override(key, value)]
-        out += [f"run.dir={c.runs_dir}/{c.name}", f"run.name=trial-{number:04d}", "trainer.progress_bar=false",
+        # the study's uid in the folder: a same-named study elsewhere never finds (or overwrites) these checkpoints
+        out += [f"run.dir={c.runs_dir}/{self.identity.key}", f"run.name=trial-{number:04d}",
+                "trainer.progress_bar=false",
                 f"tracking.uri={c.tracking_uri}", f"tracking.artifacts={c.artifacts}",
                 f"tracking.experiment=study-{c.name}", override("tracking.run_name", f"trial {number}: "
                                                                  f"{group_label(params)}")]

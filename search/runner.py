@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from blocks import ConfigError
+from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
 from search.storage import counts, open_storage, recover
 from search.study_config import StudyConfig
@@ -37,12 +38,12 @@ def _pruner(config: StudyConfig):
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
 
 
-def _load(config: StudyConfig, storage) -> optuna.Study:
-    return optuna.create_study(study_name=config.name, storage=storage, direction=config.direction,
-                               sampler=_sampler(config), pruner=_pruner(config), load_if_exists=True)
+def _load(config: StudyConfig, identity: StudyIdentity, storage) -> optuna.Study:
+    return optuna.load_study(study_name=identity.name, storage=storage, sampler=_sampler(config),
+                             pruner=_pruner(config))
 
 
-def _parent_run(config: StudyConfig, study: optuna.Study) -> str:
+def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Study) -> str:
     """The study's MLflow parent run (created once, reused by every top-up)."""
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id:
@@ -54,7 +55,9 @@ def _parent_run(config: StudyConfig, study: optuna.Study) -> str:
     ensure_store(config.tracking_uri)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     exp = experiment_id(client, f"study-{config.name}", config.artifacts)
-    run = client.create_run(exp, run_name=f"study {config.name}", tags={"hybrids.study": config.name})
+    run = client.create_run(exp, run_name=f"study {identity.name} ({identity.uid})",
+                            tags={"hybrids.study": config.name, "hybrids.study_uid": identity.uid,
+                                  "hybrids.study_version": str(identity.version)})
     for key, value in {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
                        "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
         client.log_param(run.info.run_id, key, value)
@@ -100,25 +103,26 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def work(config: StudyConfig, extra_train: list[str], parent_run_id: str | None) -> None:
+def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None) -> None:
     """One worker: run trials until the study reaches its target (or, for a grid, its queue is empty)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _quiet()
-    study = _load(config, open_storage(config.resolved_storage()))
+    study = _load(config, identity, open_storage(config.resolved_storage()))
     grid = config.sampler == "grid"
     c = counts(study)
     if c["done"] >= config.n_trials or (grid and c["waiting"] == 0):
         return
-    study.optimize(Objective(config, extra_train, parent_run_id), callbacks=[_StopAtTarget(config.n_trials, grid)],
-                   catch=(), gc_after_trial=True)
+    study.optimize(Objective(config, identity, extra_train, parent_run_id),
+                   callbacks=[_StopAtTarget(config.n_trials, grid)], catch=(), gc_after_trial=True)
 
 
-def _worker_main(config_dict: dict, extra_train: list[str], parent_run_id: str | None, threads: int) -> None:
+def _worker_main(config_dict: dict, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None,
+                 threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     try:
-        work(StudyConfig(**config_dict), extra_train, parent_run_id)
+        work(StudyConfig(**config_dict), identity, extra_train, parent_run_id)
     except TrialInterrupted:
         os._exit(130)
 
@@ -136,20 +140,24 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
         raise ConfigError("several workers need a journal file or an RDB storage "
                           "(storage=journal:runs/optuna.journal or a postgresql:// URL), not SQLite")
     _quiet()
-    study = _load(config, open_storage(url))
+    storage = open_storage(url)
+    _, identity, note = resolve(storage, config, extra_train)
+    if note:
+        print(note, flush=True)
+    study = _load(config, identity, storage)
     for key, value in {"metric": config.metric, "direction": config.direction, "question": config.question,
                        "group_by": config.group_by(), "x": config.x, "kind": config.kind,
                        "tracking_uri": config.tracking_uri, "n_trials": config.n_trials}.items():
         study.set_user_attr(key, value)
-    parent = _parent_run(config, study)
+    parent = _parent_run(config, identity, study)
     recovered = recover(study, config.grace_period, config.max_retry)
     queued = _queue_grid(config, study) if config.sampler == "grid" else 0
     if config.workers == 1:
-        work(config, extra_train, parent)
+        work(config, identity, extra_train, parent)
     else:
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // config.workers)
-        procs = [ctx.Process(target=_worker_main, args=(asdict(config), extra_train, parent, threads))
+        procs = [ctx.Process(target=_worker_main, args=(asdict(config), identity, extra_train, parent, threads))
                  for _ in range(config.workers)]
         for p in procs:
             p.start()
@@ -164,7 +172,7 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
             raise TrialInterrupted("sweep interrupted") from None
     final = counts(study)
     _close_parent(config, study, final)
-    return {"counts": final, "recovered": recovered, "queued": queued, "storage": url}
+    return {"counts": final, "recovered": recovered, "queued": queued, "storage": url, "study": identity}
 
 
 def _close_parent(config: StudyConfig, study: optuna.Study, final: dict) -> None:

@@ -76,7 +76,7 @@ def _sweep_process(tmp_path, *extra):
 def _wait_for_checkpoint(tmp_path, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list((tmp_path / "sweeps").glob("attention-spacing/trial-0000/checkpoints/last.ckpt")):
+        if list((tmp_path / "sweeps").glob("attention-spacing-*/trial-0000/checkpoints/last.ckpt")):
             return
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
         time.sleep(0.5)
@@ -120,12 +120,13 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES.glob("*.yaml")))
 def test_every_shipped_study_composes_its_trials(name):
     from hybrids.training.config import compose
+    from search.identity import StudyIdentity
     from search.objective import Objective
     from search.study_config import load_study
 
     config, extra = load_study([f"study={name}"])
     assert config.n_trials >= 2 and config.question
-    objective = Objective(config, extra, parent_run_id=None)
+    objective = Objective(config, StudyIdentity(name, 1, "0123456789"), extra, parent_run_id=None)
     for point in config.grid()[:2]:
         trial_config = compose(objective.overrides(point, 0))
         assert trial_config.run.name == "trial-0000"

@@ -129,6 +129,13 @@ def to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def scored(data: dict) -> dict:
+    """A resolved config without what does not change a run's result (where it logs, how it is named)."""
+    data = {k: v for k, v in data.items() if k not in ("tracking", "run")}
+    data["trainer"] = {k: v for k, v in data["trainer"].items() if k != "progress_bar"}
+    return data
+
+
 def run_name(config: TrainConfig) -> str:
     """Stable name of a run: a rerun of the same command finds (and resumes) the same directory."""
     if config.run.name:
@@ -150,3 +157,12 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """Flat dicts' changed keys: 'optim.lr 0.003 -> 0.001, seeds [0] -> [0, 1]' (at most `limit`, then '+N more')."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    parts = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"+{len(keys) - limit} more")
+    return ", ".join(parts) or "unknown (no record of the earlier settings)"

@@ -17,9 +17,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 
 from blocks import ConfigError
-from hybrids.training.config import TrainConfig, flatten, run_name, to_dict, to_yaml
+from hybrids.training.config import TrainConfig, differences, flatten, run_name, scored, to_dict, to_yaml
 from hybrids.training.data import MixedTask, make_task
 from hybrids.training.module import LitHybrid
 from hybrids.training.schedules import build_schedule
@@ -70,6 +71,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """
     L.seed_everything(config.trainer.seed, verbose=False)
     module, run_dir = prepare(config)
+    _check_same_run(run_dir, config)
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
@@ -109,6 +111,22 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return TrainResult(run_dir, metrics, trainer.global_step, module.stop_reason,
                        mlflow.run_id if mlflow is not None else None, resumed_from)
+
+
+def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
+    """A run folder belongs to one config: never resume (or overwrite) another config's checkpoints in it.
+
+    Raises:
+        ConfigError: when the folder holds checkpoints of a run with other settings.
+    """
+    stored = run_dir / "config.yaml"
+    if not stored.is_file() or not any((run_dir / "checkpoints").glob("*.ckpt")):
+        return
+    old = flatten(scored(OmegaConf.to_container(OmegaConf.load(stored))))  # OmegaConf reads its own YAML back
+    new = flatten(scored(to_dict(config)))
+    if old != new:
+        raise ConfigError(f"{run_dir} holds a run with other settings ({differences(old, new)}); "
+                          f"choose another run.name (or leave it unset: the name then follows the config)")
 
 
 def _log_run_inputs(mlflow, config: TrainConfig, module: LitHybrid, run_dir: Path) -> None:
