@@ -111,6 +111,19 @@ class Block(nn.Module):
         """An auxiliary loss from the last forward (MoE load balancing), or None."""
         return None
 
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """Initialise for training from scratch, as HF's Zamba, Zamba2 and Jamba do: every Linear weight
+        (nested blocks included) N(0, std), biases zero. Subclasses re-apply what must differ (zero LoRA
+        up-projections, expert weights); SSM parameters (A_log, dt bias, D), convolutions and norm weights
+        keep what the constructor set.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Recurrent states are kept in fp32 at least (as the kernels keep them), whatever the model dtype."""

@@ -59,6 +59,13 @@ class MoE(Block):
             bound = w.shape[-1] ** -0.5
             nn.init.uniform_(w, -bound, bound)
 
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """The router and every expert's projections N(0, std), as HF's Jamba (its experts are Linears)."""
+        super().init_weights(std)
+        for w in (self.up_proj, self.down_proj):
+            nn.init.normal_(w, 0.0, std)
+
     def route(self, x: torch.Tensor):
         """x: (T, d_model) -> router probabilities (T, E) fp32, top-k weights (T, k) and experts (T, k)."""
         probs = F.softmax(self.router(x).float(), dim=-1)

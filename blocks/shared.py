@@ -119,6 +119,15 @@ class SharedAttention(Block):
         adapters = [*(inv.mlp_lora or []), *(m for a in (inv.qkv_lora or []) for m in a), inv.out_proj]
         return self.attn.flops_per_token(seq_len) + self.mlp.flops_per_token(seq_len) + linear_flops(*adapters)
 
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """N(0, std) Linear weights, but every LoRA up-projection back at zero: adapters start as no-ops."""
+        super().init_weights(std)
+        for inv in self.invocations:
+            for adapter in [inv.mlp_lora, *(inv.qkv_lora or [])]:
+                if adapter is not None:
+                    nn.init.zeros_(adapter[1].weight)
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """The weights every invocation uses (everything outside `invocations`)."""
         return [p for n, p in self.named_parameters() if not n.startswith("invocations.")]

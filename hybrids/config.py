@@ -28,7 +28,9 @@ class ModelConfig:
     layers. blocks: per block name, overrides of that block's config (e.g. {"mamba": {"d_state": 16},
     "shared_attention": {"concat_embeddings": False, "lora_rank": 8, "rope": True}}). inject: where a
     shared block's output goes: "next" = added to the input of the next layer before its pre-norm (Zamba),
-    "residual" = added to the residual stream.
+    "residual" = added to the residual stream. init_std: the standard deviation of the embedding and of
+    every Linear weight at initialisation (HF's initializer_range); Mamba (v1) mixers keep mamba-ssm's own
+    initialisation (see `blocks.mamba.Mamba.init_weights`) and SSM parameters theirs.
     """
 
     layout: str
@@ -37,6 +39,7 @@ class ModelConfig:
     vocab_size: int = 256
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    init_std: float = 0.02
     inject: str = "next"
     backend: str = "auto"
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -47,6 +50,8 @@ class ModelConfig:
             raise ConfigError(f"inject must be one of {', '.join(INJECT)}, got {self.inject!r}")
         if self.d_model <= 0 or self.vocab_size <= 0:
             raise ConfigError("d_model and vocab_size must be positive")
+        if not self.init_std > 0:
+            raise ConfigError(f"init_std must be positive, got {self.init_std}")
         for name, overrides in self.blocks.items():
             entry = registry.get(name)
             valid = {f.name for f in dataclasses.fields(entry.config_cls)} - {"d_model"}

@@ -67,6 +67,8 @@ class HybridCache:
 
 
 class HybridLM(nn.Module):
+    """A hybrid language model built from a ModelConfig (see the module docstring); `build` makes one."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -95,6 +97,24 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise for training from scratch: embedding and LM head N(0, init_std), then every block's
+        own `init_weights` (Linears N(0, init_std), SSM parameters as Mamba initialises them).
+
+        A tied LM head with a unit-variance embedding would put the input token's logit near d_model:
+        a loss of 40-60 at the first step instead of about ln(vocab_size).
+        """
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        for module in [*self.layers, *self.shared.values()]:
+            for block in [module] if isinstance(module, Block) else [module.mixer, module.mlp]:
+                if block is not None:
+                    block.init_weights(std)
 
     def _block(self, name: str, **fixed) -> Block:
         entry = registry.get(name)
@@ -202,12 +222,15 @@ def build(source: str | ModelConfig, device=None, **overrides) -> HybridLM:
 
     Args:
         source: e.g. "zamba-7b", "6M:A*", or a ModelConfig.
-        device: where to create the weights ("meta" builds without allocating memory).
+        device: where to create the weights ("meta" builds without allocating memory); None: the
+            caller's default device, so `with torch.device("meta"): build("zamba-7b")` allocates nothing.
         overrides: ModelConfig fields or dotted keys, e.g. d_model=512, depth=12,
             **{"blocks.shared_attention.lora_rank": 8}.
     Returns:
         The model.
     """
     config = load_config(source, **overrides)
-    with torch.device(device or "cpu"):
+    if device is None:
+        return HybridLM(config)
+    with torch.device(device):
         return HybridLM(config)

@@ -21,7 +21,7 @@ from blocks import ConfigError
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
 from search.storage import counts, open_storage, recover
-from search.study_config import StudyConfig
+from search.study_config import StudyConfig, load_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -127,13 +127,25 @@ def _worker_main(config_dict: dict, identity: StudyIdentity, extra_train: list[s
         os._exit(130)
 
 
-def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict:
-    """Recover, queue and run the study's remaining trials; returns the trial counts and what recovery did.
+def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = None) -> dict:
+    """Recover, queue and run the study's remaining trials (`hybrids.run_study`).
 
+    Args:
+        config: a StudyConfig, or `hybrids sweep` arguments: ["study=attention-spacing", "n_trials=2",
+            "train.trainer.max_steps=20"] (study keys, and train.<override> for every trial).
+        extra_train: Hydra training overrides added to every trial's (after those of the list form).
+    Returns:
+        {"counts": trial counts by state and "done", "recovered": what recovery did, "queued": grid
+        points queued, "storage": the storage URL, "study": the StudyIdentity (search.identity) it ran}.
     Raises:
-        ConfigError: bad storage for several workers, unreachable storage.
+        ConfigError: an unknown study or key, bad storage for several workers, unreachable storage.
         TrialInterrupted: Ctrl-C / SIGTERM during a trial (that trial is recorded as failed).
     """
+    if isinstance(config, str):
+        raise ConfigError(f"run_study takes a StudyConfig or a list of key=value overrides, got the string {config!r}")
+    if not isinstance(config, StudyConfig):
+        config, listed = load_study(list(config))
+        extra_train = [*listed, *(extra_train or [])]
     extra_train = list(extra_train or [])
     url = config.resolved_storage()
     if config.workers > 1 and url.startswith("sqlite"):

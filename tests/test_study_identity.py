@@ -93,9 +93,9 @@ def test_differences_name_each_changed_key():
 
 
 def test_a_named_run_folder_is_never_resumed_under_other_settings(tmp_path, capsys):
-    base = ["train", "model=llama-tiny", "task=mqar", "trainer.max_steps=2", "trainer.val_every=2", "schedule.warmup_steps=1",
-            "trainer.ckpt_every=2", "trainer.val_batches=1", "trainer.batch_size=4", "tracking.enabled=false",
-            f"run.dir={tmp_path}", "run.name=mine"]
+    base = ["train", "model=llama-tiny", "task=mqar", "trainer.max_steps=2", "trainer.val_every=2",
+            "schedule.warmup_steps=1", "trainer.ckpt_every=2", "trainer.val_batches=1", "trainer.batch_size=4",
+            "tracking.enabled=false", f"run.dir={tmp_path}", "run.name=mine"]
     assert main(base) == 0
     kept = digest(tmp_path / "mine")
     assert main([*base, "model.d_model=48"]) == 2

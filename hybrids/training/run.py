@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
 from blocks import ConfigError
-from hybrids.training.config import TrainConfig, differences, flatten, run_name, scored, to_dict, to_yaml
+from hybrids.training.config import TrainConfig, compose, differences, flatten, run_name, scored, to_dict, to_yaml
 from hybrids.training.data import MixedTask, make_task
 from hybrids.training.module import LitHybrid
 from hybrids.training.schedules import build_schedule
@@ -60,15 +60,22 @@ def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
     return LitHybrid(config, task, schedule), run_dir
 
 
-def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Train (or resume) the run described by `config`.
+def train(config: TrainConfig | list[str], callbacks: list | None = None) -> TrainResult:
+    """Train (or resume) the run described by `config` (`hybrids.train`).
 
     Args:
-        config: the validated training config.
+        config: a TrainConfig, or Hydra overrides of recipes/train.yaml as `hybrids train` takes them,
+            e.g. ["model=llama-tiny", "task=mqar", "trainer.max_steps=20"].
         callbacks: extra Lightning callbacks (sweeps add pruning).
     Returns:
         The run's directory, its last logged metrics, the step reached and why it stopped early, if it did.
+    Raises:
+        ConfigError: overrides or a config that do not validate, a model whose vocabulary the task exceeds.
     """
+    if isinstance(config, str):
+        raise ConfigError(f"train takes a TrainConfig or a list of overrides, got the string {config!r}")
+    if not isinstance(config, TrainConfig):
+        config = compose(list(config))
     L.seed_everything(config.trainer.seed, verbose=False)
     module, run_dir = prepare(config)
     _check_same_run(run_dir, config)
