@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from blocks import ConfigError
+from hybrids.training.progress import format_duration
 from search.objective import Objective, TrialInterrupted
 from search.storage import counts, open_storage, recover
 from search.study_config import StudyConfig
@@ -74,19 +75,35 @@ def _queue_grid(config: StudyConfig, study: optuna.Study) -> int:
 
 
 class _StopAtTarget:
-    """After each trial: print one line for it, and stop the study once its target is reached."""
+    """After each trial: print one line for it (seed, wall time, the study's ETA), and stop the study once
+    its target is reached."""
 
-    def __init__(self, target: int, grid: bool):
-        self.target, self.grid = target, grid
+    def __init__(self, target: int, grid: bool, workers: int = 1):
+        self.target, self.grid, self.workers = target, grid, workers
 
     def __call__(self, study: optuna.Study, trial) -> None:
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
         reason = trial.user_attrs.get("fail_reason", "")
-        print(f"trial {trial.number:>3} {trial.state.name.lower():<8} {value:>8}  {trial.user_attrs.get('group', '')}"
-              f"  {trial.user_attrs.get('layout', '')} {reason}", flush=True)
         c = counts(study)
+        print(f"trial {trial.number:>3} {trial.state.name.lower():<8} {value:>8}  {trial.user_attrs.get('group', '')}"
+              f"  {trial.user_attrs.get('layout', '')}  seed {trial.user_attrs.get('seed', '-')}"
+              f"  {format_duration(_seconds(trial))}  {self.eta(study, c)} {reason}".rstrip(), flush=True)
         if c["done"] >= self.target or (self.grid and c["waiting"] == 0):
             study.stop()
+
+    def eta(self, study: optuna.Study, c: dict) -> str:
+        """Remaining trials x mean finished-trial time / local workers."""
+        left = self.target - c["done"]
+        if self.grid:
+            left = min(left, c["waiting"] + c["running"])
+        times = [_seconds(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+        if left <= 0 or not times:
+            return f"{max(left, 0)} left"
+        return f"{left} left, eta {format_duration(left * sum(times) / len(times) / self.workers)}"
+
+
+def _seconds(trial) -> float:
+    return trial.duration.total_seconds() if trial.duration is not None else float("nan")
 
 
 def _raise_interrupt(signum, frame):
@@ -95,6 +112,10 @@ def _raise_interrupt(signum, frame):
 
 def _quiet() -> None:
     """One line per trial instead of Lightning's and MLflow's banners for every run."""
+    import lightning.pytorch  # noqa: F401  both set their loggers to INFO when imported: import them first
+    import mlflow  # noqa: F401
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at" of a tracking server
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -109,8 +130,8 @@ def work(config: StudyConfig, extra_train: list[str], parent_run_id: str | None)
     c = counts(study)
     if c["done"] >= config.n_trials or (grid and c["waiting"] == 0):
         return
-    study.optimize(Objective(config, extra_train, parent_run_id), callbacks=[_StopAtTarget(config.n_trials, grid)],
-                   catch=(), gc_after_trial=True)
+    study.optimize(Objective(config, extra_train, parent_run_id),
+                   callbacks=[_StopAtTarget(config.n_trials, grid, config.workers)], catch=(), gc_after_trial=True)
 
 
 def _worker_main(config_dict: dict, extra_train: list[str], parent_run_id: str | None, threads: int) -> None:
