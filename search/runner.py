@@ -50,12 +50,12 @@ def _parent_run(config: StudyConfig, study: optuna.Study) -> str:
         return run_id
     from mlflow import MlflowClient
 
-    from hybrids.training.tracking import ensure_store, experiment_id
+    from hybrids.training.tracking import ensure_store, experiment_id, record_tags
 
     ensure_store(config.tracking_uri)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     exp = experiment_id(client, f"study-{config.name}", config.artifacts)
-    run = client.create_run(exp, run_name=f"study {config.name}", tags={"hybrids.study": config.name})
+    run = client.create_run(exp, run_name=f"study {config.name}", tags={"hybrids.study": config.name, **record_tags()})
     for key, value in {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
                        "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
         client.log_param(run.info.run_id, key, value)
@@ -163,38 +163,77 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
                        "tracking_uri": config.tracking_uri, "n_trials": config.n_trials}.items():
         study.set_user_attr(key, value)
     parent = _parent_run(config, study)
-    recovered = recover(study, config.grace_period, config.max_retry)
-    queued = _queue_grid(config, study) if config.sampler == "grid" else 0
-    if config.workers == 1:
-        work(config, extra_train, parent)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
-        procs = [ctx.Process(target=_worker_main, args=(asdict(config), extra_train, parent, threads))
-                 for _ in range(config.workers)]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join()
-        except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()  # SIGTERM: each worker records its running trial as failed
-            for p in procs:
-                p.join()
-            raise TrialInterrupted("sweep interrupted") from None
+    _parent_status(config, parent, "RUNNING")  # a top-up re-opens the run a finished or killed sweep closed
+    try:
+        recovered = recover(study, config.grace_period, config.max_retry)
+        queued = _queue_grid(config, study) if config.sampler == "grid" else 0
+        exitcodes = [0] if config.workers == 1 else None
+        if config.workers == 1:
+            work(config, extra_train, parent)
+        else:
+            exitcodes = _run_workers(config, extra_train, parent)
+    except (KeyboardInterrupt, TrialInterrupted):
+        _close_parent(config, study, "KILLED")
+        raise
+    except Exception:
+        _close_parent(config, study, "FAILED")
+        raise
     final = counts(study)
-    _close_parent(config, study, final)
+    _close_parent(config, study, _final_status(config, final, exitcodes))
     return {"counts": final, "recovered": recovered, "queued": queued, "storage": url}
 
 
-def _close_parent(config: StudyConfig, study: optuna.Study, final: dict) -> None:
+def _run_workers(config: StudyConfig, extra_train: list[str], parent: str) -> list[int]:
+    """Start `config.workers` local worker processes and wait for them; returns their exit codes."""
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    procs = [ctx.Process(target=_worker_main, args=(asdict(config), extra_train, parent, threads))
+             for _ in range(config.workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()  # SIGTERM: each worker records its running trial as failed
+        for p in procs:
+            p.join()
+        raise TrialInterrupted("sweep interrupted") from None
+    return [p.exitcode for p in procs]
+
+
+def _final_status(config: StudyConfig, final: dict, exitcodes: list[int]) -> str:
+    """FINISHED once the workers stopped cleanly (target reached or grid exhausted); KILLED when a worker
+    was interrupted (exit 130) or killed by a signal; FAILED when one died of an error."""
+    if all(code == 0 for code in exitcodes):
+        return "FINISHED"
+    if any(code == 130 or code < 0 for code in exitcodes):
+        return "KILLED"
+    return "FAILED"
+
+
+def _parent_status(config: StudyConfig, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri)
-    run_id = study.user_attrs["mlflow_parent_run_id"]
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if complete:
-        client.log_metric(run_id, f"best/{config.metric}", study.best_value)
-    client.log_metric(run_id, "trials_done", final["done"])
-    client.set_terminated(run_id, "FINISHED" if final["done"] >= config.n_trials else "RUNNING")
+    MlflowClient(tracking_uri=config.tracking_uri).update_run(run_id, status=status)
+
+
+def _close_parent(config: StudyConfig, study: optuna.Study, status: str) -> None:
+    """Log the study's best value and progress to its parent run and close it as `status`.
+
+    Called on the way out of an interrupted or failed sweep too: a failure here is logged, never raised
+    over the error that ended the sweep.
+    """
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=config.tracking_uri)
+        run_id = study.user_attrs["mlflow_parent_run_id"]
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        if complete:
+            client.log_metric(run_id, f"best/{config.metric}", study.best_value)
+        client.log_metric(run_id, "trials_done", counts(study)["done"])
+        client.set_terminated(run_id, status)
+    except Exception as err:  # the store went away mid-sweep: the trials themselves are safe in the study
+        logging.getLogger("hybrids").warning("could not close the study's MLflow run as %s: %s", status, err)
