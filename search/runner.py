@@ -8,6 +8,7 @@ storage; another machine joins by running the same command with the same storage
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -92,14 +93,15 @@ class _StopAtTarget:
             study.stop()
 
     def eta(self, study: optuna.Study, c: dict) -> str:
-        """Remaining trials x mean finished-trial time / local workers."""
+        """Remaining trials x mean finished-trial time / local workers, in whole rounds of trials (the last
+        trial takes a trial's time however many workers are idle)."""
         left = self.target - c["done"]
         if self.grid:
             left = min(left, c["waiting"] + c["running"])
         times = [_seconds(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
         if left <= 0 or not times:
             return f"{max(left, 0)} left"
-        return f"{left} left, eta {format_duration(left * sum(times) / len(times) / self.workers)}"
+        return f"{left} left, eta {format_duration(math.ceil(left / self.workers) * sum(times) / len(times))}"
 
 
 def _seconds(trial) -> float:
@@ -167,9 +169,9 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
     try:
         recovered = recover(study, config.grace_period, config.max_retry)
         queued = _queue_grid(config, study) if config.sampler == "grid" else 0
-        exitcodes = [0] if config.workers == 1 else None
         if config.workers == 1:
             work(config, extra_train, parent)
+            exitcodes = [0]
         else:
             exitcodes = _run_workers(config, extra_train, parent)
     except (KeyboardInterrupt, TrialInterrupted):
@@ -179,7 +181,7 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
         _close_parent(config, study, "FAILED")
         raise
     final = counts(study)
-    _close_parent(config, study, _final_status(config, final, exitcodes))
+    _close_parent(config, study, _final_status(exitcodes))
     return {"counts": final, "recovered": recovered, "queued": queued, "storage": url}
 
 
@@ -203,7 +205,7 @@ def _run_workers(config: StudyConfig, extra_train: list[str], parent: str) -> li
     return [p.exitcode for p in procs]
 
 
-def _final_status(config: StudyConfig, final: dict, exitcodes: list[int]) -> str:
+def _final_status(exitcodes: list[int]) -> str:
     """FINISHED once the workers stopped cleanly (target reached or grid exhausted); KILLED when a worker
     was interrupted (exit 130) or killed by a signal; FAILED when one died of an error."""
     if all(code == 0 for code in exitcodes):

@@ -93,10 +93,11 @@ class Finished:
         return self.trials
 
 
-def test_trial_eta_is_remaining_trials_times_mean_time_over_workers():
+def test_trial_eta_is_rounds_of_remaining_trials_times_mean_time():
     study = Finished(60, 120)
     counts = {"done": 2, "waiting": 3, "running": 1}
     assert _StopAtTarget(8, grid=False, workers=2).eta(study, counts) == "6 left, eta 4m30s"  # 6 x 90 s / 2
     assert _StopAtTarget(8, grid=True, workers=1).eta(study, counts) == "4 left, eta 6m00s"  # the grid has 4 more
+    assert _StopAtTarget(3, grid=False, workers=2).eta(study, counts) == "1 left, eta 1m30s"  # one round left
     assert _StopAtTarget(2, grid=False).eta(study, counts) == "0 left"
     assert _StopAtTarget(4, grid=False).eta(Finished(), {"done": 0}) == "4 left"

@@ -113,4 +113,4 @@ def test_parent_run_is_failed_killed_reopened_and_finished(tmp_path, monkeypatch
 @pytest.mark.parametrize("exitcodes, status", [([0, 0], "FINISHED"), ([0, 130], "KILLED"), ([-15, 0], "KILLED"),
                                                ([-9, 1], "KILLED"), ([1, 0], "FAILED")])
 def test_status_of_a_multi_worker_sweep_follows_its_workers_exit_codes(exitcodes, status):
-    assert _final_status(None, {}, exitcodes) == status
+    assert _final_status(exitcodes) == status
