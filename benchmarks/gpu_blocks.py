@@ -2,7 +2,10 @@
 
     python benchmarks/gpu_blocks.py [--batch 8] [--length 2048] [--d-model 1024]
 
-Prints JSON; times are CUDA-event medians after warm-up, bf16.
+Prints JSON; times are CUDA-event medians after warm-up, bf16. Without mamba-ssm only the PyTorch path
+is timed (the JSON says why the kernels are missing). On a machine without CUDA it prints one line,
+"gpu_blocks: needs CUDA ...", and exits with status 2: there is nothing to measure, and a zero status
+with an empty result would let a script that collects benchmark numbers record a CPU box as a GPU result.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from blocks.attention import Attention, AttentionConfig
 from blocks.mamba import Mamba, MambaConfig
 from blocks.mamba2 import Mamba2, Mamba2Config
+from blocks.ops.backend import import_error
 
 
 def time_block(block, x, repeats=10) -> tuple[float, float]:
@@ -41,16 +45,20 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--d-model", type=int, default=1024)
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"gpu_blocks: needs CUDA (torch {torch.__version__} sees no CUDA device)", file=sys.stderr)
+        return 2
     d = args.d_model
     makers = {
         "mamba": lambda b: Mamba(MambaConfig(d_model=d, backend=b)),
         "mamba2": lambda b: Mamba2(Mamba2Config(d_model=d, headdim=64, d_state=64, backend=b)),
     }
+    kernels = import_error("mamba_ssm")
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-           "shape": vars(args), "blocks": {}}
+           "shape": vars(args), "kernels": kernels or "mamba_ssm", "blocks": {}}
     x = torch.randn(args.batch, args.length, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for name, make in makers.items():
-        for backend in ("mamba_ssm", "torch"):
+        for backend in ("mamba_ssm", "torch") if kernels is None else ("torch",):
             torch.cuda.empty_cache()
             ms, gib = time_block(make(backend).cuda().bfloat16(), x)
             out["blocks"][f"{name}/{backend}"] = {"ms": round(ms, 2), "peak_gib": round(gib, 2),

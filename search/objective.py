@@ -117,6 +117,8 @@ class Objective:
                  "seed": config.trainer.seed, "group": group_label(params), "d_model": config.model.d_model}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        retry = f"  retry of trial {number}" if number != trial.number else ""
+        print(f"trial {trial.number:>3} start    {group_label(params)}  seed {config.trainer.seed}{retry}", flush=True)
         pruning = _pruning_callback(trial, c.metric) if c.pruner != "none" else None
         with Heartbeat(trial, c.heartbeat_interval):
             try:

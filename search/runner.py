@@ -8,6 +8,7 @@ storage; another machine joins by running the same command with the same storage
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -18,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from blocks import ConfigError
+from hybrids.training.progress import format_duration
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
 from search.storage import counts, open_storage, recover
@@ -50,14 +52,14 @@ def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Stud
         return run_id
     from mlflow import MlflowClient
 
-    from hybrids.training.tracking import ensure_store, experiment_id
+    from hybrids.training.tracking import ensure_store, experiment_id, record_tags
 
     ensure_store(config.tracking_uri)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     exp = experiment_id(client, f"study-{config.name}", config.artifacts)
     run = client.create_run(exp, run_name=f"study {identity.name} ({identity.uid})",
                             tags={"hybrids.study": config.name, "hybrids.study_uid": identity.uid,
-                                  "hybrids.study_version": str(identity.version)})
+                                  "hybrids.study_version": str(identity.version), **record_tags()})
     for key, value in {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
                        "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
         client.log_param(run.info.run_id, key, value)
@@ -77,19 +79,36 @@ def _queue_grid(config: StudyConfig, study: optuna.Study) -> int:
 
 
 class _StopAtTarget:
-    """After each trial: print one line for it, and stop the study once its target is reached."""
+    """After each trial: print one line for it (seed, wall time, the study's ETA), and stop the study once
+    its target is reached."""
 
-    def __init__(self, target: int, grid: bool):
-        self.target, self.grid = target, grid
+    def __init__(self, target: int, grid: bool, workers: int = 1):
+        self.target, self.grid, self.workers = target, grid, workers
 
     def __call__(self, study: optuna.Study, trial) -> None:
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
         reason = trial.user_attrs.get("fail_reason", "")
-        print(f"trial {trial.number:>3} {trial.state.name.lower():<8} {value:>8}  {trial.user_attrs.get('group', '')}"
-              f"  {trial.user_attrs.get('layout', '')} {reason}", flush=True)
         c = counts(study)
+        print(f"trial {trial.number:>3} {trial.state.name.lower():<8} {value:>8}  {trial.user_attrs.get('group', '')}"
+              f"  {trial.user_attrs.get('layout', '')}  seed {trial.user_attrs.get('seed', '-')}"
+              f"  {format_duration(_seconds(trial))}  {self.eta(study, c)} {reason}".rstrip(), flush=True)
         if c["done"] >= self.target or (self.grid and c["waiting"] == 0):
             study.stop()
+
+    def eta(self, study: optuna.Study, c: dict) -> str:
+        """Remaining trials x mean finished-trial time / local workers, in whole rounds of trials (the last
+        trial takes a trial's time however many workers are idle)."""
+        left = self.target - c["done"]
+        if self.grid:
+            left = min(left, c["waiting"] + c["running"])
+        times = [_seconds(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+        if left <= 0 or not times:
+            return f"{max(left, 0)} left"
+        return f"{left} left, eta {format_duration(math.ceil(left / self.workers) * sum(times) / len(times))}"
+
+
+def _seconds(trial) -> float:
+    return trial.duration.total_seconds() if trial.duration is not None else float("nan")
 
 
 def _raise_interrupt(signum, frame):
@@ -98,6 +117,10 @@ def _raise_interrupt(signum, frame):
 
 def _quiet() -> None:
     """One line per trial instead of Lightning's and MLflow's banners for every run."""
+    import lightning.pytorch  # noqa: F401  both set their loggers to INFO when imported: import them first
+    import mlflow  # noqa: F401
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at" of a tracking server
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -113,7 +136,7 @@ def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], p
     if c["done"] >= config.n_trials or (grid and c["waiting"] == 0):
         return
     study.optimize(Objective(config, identity, extra_train, parent_run_id),
-                   callbacks=[_StopAtTarget(config.n_trials, grid)], catch=(), gc_after_trial=True)
+                   callbacks=[_StopAtTarget(config.n_trials, grid, config.workers)], catch=(), gc_after_trial=True)
 
 
 def _worker_main(config_dict: dict, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None,
@@ -162,38 +185,77 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
                        "tracking_uri": config.tracking_uri, "n_trials": config.n_trials}.items():
         study.set_user_attr(key, value)
     parent = _parent_run(config, identity, study)
-    recovered = recover(study, config.grace_period, config.max_retry)
-    queued = _queue_grid(config, study) if config.sampler == "grid" else 0
-    if config.workers == 1:
-        work(config, identity, extra_train, parent)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
-        procs = [ctx.Process(target=_worker_main, args=(asdict(config), identity, extra_train, parent, threads))
-                 for _ in range(config.workers)]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join()
-        except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()  # SIGTERM: each worker records its running trial as failed
-            for p in procs:
-                p.join()
-            raise TrialInterrupted("sweep interrupted") from None
+    _parent_status(config, parent, "RUNNING")  # a top-up re-opens the run a finished or killed sweep closed
+    try:
+        recovered = recover(study, config.grace_period, config.max_retry)
+        queued = _queue_grid(config, study) if config.sampler == "grid" else 0
+        if config.workers == 1:
+            work(config, identity, extra_train, parent)
+            exitcodes = [0]
+        else:
+            exitcodes = _run_workers(config, identity, extra_train, parent)
+    except (KeyboardInterrupt, TrialInterrupted):
+        _close_parent(config, study, "KILLED")
+        raise
+    except Exception:
+        _close_parent(config, study, "FAILED")
+        raise
     final = counts(study)
-    _close_parent(config, study, final)
+    _close_parent(config, study, _final_status(exitcodes))
     return {"counts": final, "recovered": recovered, "queued": queued, "storage": url, "study": identity}
 
 
-def _close_parent(config: StudyConfig, study: optuna.Study, final: dict) -> None:
+def _run_workers(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent: str) -> list[int]:
+    """Start `config.workers` local worker processes and wait for them; returns their exit codes."""
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    procs = [ctx.Process(target=_worker_main, args=(asdict(config), identity, extra_train, parent, threads))
+             for _ in range(config.workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()  # SIGTERM: each worker records its running trial as failed
+        for p in procs:
+            p.join()
+        raise TrialInterrupted("sweep interrupted") from None
+    return [p.exitcode for p in procs]
+
+
+def _final_status(exitcodes: list[int]) -> str:
+    """FINISHED once the workers stopped cleanly (target reached or grid exhausted); KILLED when a worker
+    was interrupted (exit 130) or killed by a signal; FAILED when one died of an error."""
+    if all(code == 0 for code in exitcodes):
+        return "FINISHED"
+    if any(code == 130 or code < 0 for code in exitcodes):
+        return "KILLED"
+    return "FAILED"
+
+
+def _parent_status(config: StudyConfig, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri)
-    run_id = study.user_attrs["mlflow_parent_run_id"]
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if complete:
-        client.log_metric(run_id, f"best/{config.metric}", study.best_value)
-    client.log_metric(run_id, "trials_done", final["done"])
-    client.set_terminated(run_id, "FINISHED" if final["done"] >= config.n_trials else "RUNNING")
+    MlflowClient(tracking_uri=config.tracking_uri).update_run(run_id, status=status)
+
+
+def _close_parent(config: StudyConfig, study: optuna.Study, status: str) -> None:
+    """Log the study's best value and progress to its parent run and close it as `status`.
+
+    Called on the way out of an interrupted or failed sweep too: a failure here is logged, never raised
+    over the error that ended the sweep.
+    """
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=config.tracking_uri)
+        run_id = study.user_attrs["mlflow_parent_run_id"]
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        if complete:
+            client.log_metric(run_id, f"best/{config.metric}", study.best_value)
+        client.log_metric(run_id, "trials_done", counts(study)["done"])
+        client.set_terminated(run_id, status)
+    except Exception as err:  # the store went away mid-sweep: the trials themselves are safe in the study
+        logging.getLogger("hybrids").warning("could not close the study's MLflow run as %s: %s", status, err)

@@ -36,6 +36,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ImportError as err:  # SQLAlchemy has no driver module for the URL's database
+        hint = ("pip install 'hybrids[postgres]' (psycopg 3, the default driver of postgresql:// URLs "
+                "from SQLAlchemy 2.1)" if url.startswith("postgresql") else "install the database's driver")
+        raise ConfigError(f"cannot open study storage {url!r}: no database driver ({err}); {hint}") from None
     except Exception as err:  # SQLAlchemy / driver errors: unreachable server, bad URL
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot open study storage {url!r}: {first}") from None

@@ -178,6 +178,47 @@ def test_backend_mamba_ssm_refused_on_cpu():
         block(torch.randn(1, 4, 8))
 
 
+@pytest.fixture
+def fake_imports(monkeypatch):
+    """Imports as seen by the backend: mamba_ssm fails as it does without its CUDA extension; records calls."""
+    from blocks.ops import backend
+
+    calls = []
+
+    def import_module(name):
+        calls.append(name)
+        raise ImportError("libcudart.so.13: cannot open shared object file")
+
+    backend.import_error.cache_clear()
+    backend._warn_no_kernels.cache_clear()
+    monkeypatch.setattr(backend.importlib, "import_module", import_module)
+    yield calls
+    backend.import_error.cache_clear()
+    backend._warn_no_kernels.cache_clear()
+
+
+def test_backend_auto_on_a_gpu_without_kernels_warns_once_with_the_import_error(fake_imports, caplog):
+    from blocks.ops.backend import resolve
+
+    cuda = torch.device("cuda")
+    assert [resolve("auto", cuda) for _ in range(3)] == ["torch"] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["backend auto on CUDA: mamba_ssm does not import (ImportError: libcudart.so.13: cannot open "
+                        "shared object file); using the PyTorch ops, which are much slower (install the kernels with "
+                        "pip install .[cuda], or set backend=torch to silence this)"]
+    assert fake_imports == ["mamba_ssm"]
+    with pytest.raises(blocks.ConfigError, match=r"mamba_ssm does not import \(ImportError: libcudart.so.13"):
+        resolve("mamba_ssm", cuda)
+    assert resolve("torch", cuda) == "torch"
+
+
+def test_backend_auto_on_cpu_is_silent_and_never_imports_mamba_ssm(fake_imports, caplog):
+    from blocks.ops.backend import resolve
+
+    assert resolve("auto", torch.device("cpu")) == "torch"
+    assert fake_imports == [] and not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_blocks_build_on_meta_device():
     with torch.device("meta"):
         block = Mamba(MambaConfig(d_model=4096, d_state=16, n_heads=2))

@@ -110,7 +110,15 @@ def test_sigterm_records_the_trial_as_failed_never_running(tmp_path):
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out[-2000:]
     assert "recorded as failed" in out
+    assert "trial   0 start    model.layout=M  seed 0\n" in out
+    for banner in ("GPU available", "TPU available", "LOCAL_RANK", "You are using a CUDA device", "View run",
+                   "litlogger", "database tables", "alembic", "`Trainer.fit` stopped"):
+        assert banner not in out, out
     assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    from mlflow import MlflowClient
+
+    parent = load(tmp_path).user_attrs["mlflow_parent_run_id"]
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(parent).info.status == "KILLED"
 
 
 if __name__ == "__main__":

@@ -19,13 +19,18 @@ log = logging.getLogger("hybrids")
 
 
 @functools.cache
-def importable(module: str) -> bool:
-    """Whether `module` imports (mamba_ssm fails without its compiled CUDA extension)."""
+def import_error(module: str) -> str | None:
+    """Why `module` does not import ("ImportError: libcudart.so.13: ..."), or None when it does."""
     try:
         importlib.import_module(module)
-    except Exception:  # ImportError, OSError from a missing .so, RuntimeError from CUDA init
-        return False
-    return True
+    except Exception as err:  # ImportError, OSError from a missing .so, RuntimeError from CUDA init
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def importable(module: str) -> bool:
+    """Whether `module` imports (mamba_ssm fails without its compiled CUDA extension)."""
+    return import_error(module) is None
 
 
 def kernels_available() -> bool:
@@ -43,6 +48,13 @@ def _announce(requested: str, chosen: str, device_type: str) -> None:
     log.info("ops backend: %s (requested %s, device %s)", chosen, requested, device_type)
 
 
+@functools.cache
+def _warn_no_kernels(error: str) -> None:
+    # once per process: a GPU run on the PyTorch ops is many times slower, which an info line would hide
+    log.warning("backend auto on CUDA: mamba_ssm does not import (%s); using the PyTorch ops, which are much "
+                "slower (install the kernels with pip install .[cuda], or set backend=torch to silence this)", error)
+
+
 def resolve(name: str, device: torch.device) -> str:
     """The backend that runs for tensors on `device`: "torch" or "mamba_ssm".
 
@@ -54,8 +66,16 @@ def resolve(name: str, device: torch.device) -> str:
     if name == "mamba_ssm" and not on_cuda:
         raise ConfigError(f"backend 'mamba_ssm' needs CUDA tensors, got device {device}")
     if name == "mamba_ssm" and not importable("mamba_ssm"):
-        raise ConfigError("backend 'mamba_ssm' asked for but mamba_ssm does not import (pip install .[cuda])")
-    chosen = "mamba_ssm" if name == "mamba_ssm" or (name == "auto" and on_cuda and importable("mamba_ssm")) \
-        else "torch"
+        raise ConfigError(f"backend 'mamba_ssm' asked for but mamba_ssm does not import "
+                          f"({import_error('mamba_ssm')}); pip install .[cuda]")
+    chosen = "torch"
+    if name == "mamba_ssm":
+        chosen = "mamba_ssm"
+    elif name == "auto" and on_cuda:  # mamba_ssm is imported for CUDA tensors only: elsewhere its import can only fail
+        error = import_error("mamba_ssm")
+        if error is None:
+            chosen = "mamba_ssm"
+        else:
+            _warn_no_kernels(error)
     _announce(name, chosen, device.type)
     return chosen

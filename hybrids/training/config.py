@@ -42,7 +42,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
     seed: int = 0
-    progress_bar: bool = True
+    progress_bar: bool = True  # in a terminal; elsewhere (or false) plain lines every progress_every_s seconds
+    progress_every_s: float = 20.0
 
 
 @dataclass
@@ -80,6 +81,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "val_every", "ckpt_every", "log_every"):
             if getattr(self.trainer, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self.trainer, key)}")
+        if self.trainer.progress_every_s < 0:
+            raise ConfigError(f"trainer.progress_every_s must be >= 0, got {self.trainer.progress_every_s}")
         if "name" not in self.task:
             raise ConfigError("task needs a name (task=mqar, task=lm, ...)")
 
@@ -129,10 +132,13 @@ def to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
+
+
 def scored(data: dict) -> dict:
     """A resolved config without what does not change a run's result (where it logs, how it is named)."""
     data = {k: v for k, v in data.items() if k not in ("tracking", "run")}
-    data["trainer"] = {k: v for k, v in data["trainer"].items() if k != "progress_bar"}
+    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in DISPLAY_ONLY}
     return data
 
 
@@ -141,7 +147,8 @@ def run_name(config: TrainConfig) -> str:
     if config.run.name:
         return config.run.name
     data = to_dict(config)
-    data["trainer"].pop("progress_bar", None)
+    for display_only in DISPLAY_ONLY:
+        data["trainer"].pop(display_only, None)
     data.pop("tracking", None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.model.name or 'model'}-{config.task['name']}-{digest}"

@@ -23,6 +23,7 @@ from blocks import ConfigError
 from hybrids.training.config import TrainConfig, compose, differences, flatten, run_name, scored, to_dict, to_yaml
 from hybrids.training.data import MixedTask, make_task
 from hybrids.training.module import LitHybrid
+from hybrids.training.progress import ProgressLines, use_bar
 from hybrids.training.schedules import build_schedule
 from hybrids.training.tracking import mlflow_logger, record_stop
 
@@ -94,13 +95,16 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
                            save_top_k=1, save_last=True, auto_insert_metric_name=False)
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            enable_version_counter=False)
+    bar = use_bar(config.trainer.progress_bar)
+    progress = [] if bar else [ProgressLines(config.trainer.max_steps, config.trainer.batch_size * module.task.seq_len,
+                                             config.trainer.progress_every_s, label=config.run.name or "")]
     trainer = L.Trainer(
         max_steps=config.trainer.max_steps, val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None,
         limit_val_batches=config.trainer.val_batches, num_sanity_val_steps=0,
         gradient_clip_val=config.optim.grad_clip or None, precision=_precision(config),
-        accelerator=config.trainer.accelerator, devices=1, logger=loggers, callbacks=[last, best, *(callbacks or [])],
-        log_every_n_steps=config.trainer.log_every, enable_progress_bar=config.trainer.progress_bar,
-        enable_model_summary=False, default_root_dir=run_dir,
+        accelerator=config.trainer.accelerator, devices=1, logger=loggers,
+        callbacks=[last, best, *progress, *(callbacks or [])], log_every_n_steps=config.trainer.log_every,
+        enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
     )
     resume = ckpt_dir / "last.ckpt"
     resumed_from = str(resume) if config.run.resume and resume.is_file() else None
