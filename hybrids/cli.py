@@ -86,7 +86,7 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from search.objective import TrialInterrupted
     from search.runner import run_study
-    from search.study_config import load_study
+    from search.study_config import DEFAULT_STORAGE, load_study
 
     config, extra_train = load_study(args.overrides)
     print(f"study {config.name}: {config.n_trials} trials, {config.sampler} sampler, "
@@ -100,17 +100,35 @@ def _sweep(args) -> int:
     c = result["counts"]
     print(f"study {config.name}: {c['done']}/{config.n_trials} done ({c['complete']} complete, {c['pruned']} pruned, "
           f"{c['fail']} failed); recovered {result['recovered']}")
-    print(f"next: hybrids report study={config.name}")
+    store = result["storage"]
+    print(f"next: hybrids report study={config.name}" + (f" storage={store}" if store != DEFAULT_STORAGE else ""))
     return 0
 
 
-def _report(args) -> int:
-    from analysis import write_report
+REPORT_OPTIONS = ("study", "storage", "out", "mlflow")
+REPORT_USAGE = "hybrids report study=<name> [storage=URL] [out=DIR] [mlflow=false]"
 
-    opts = dict(o.split("=", 1) for o in args.options if "=" in o)
+
+def _report_options(options: list[str]) -> dict[str, str]:
+    """key=value options of `hybrids report`; anything else is an error naming the valid keys."""
+    opts = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in REPORT_OPTIONS:
+            raise blocks.ConfigError(f"unknown report option {option!r}; usage: {REPORT_USAGE}")
+        opts[key] = value
     if "study" not in opts:
-        raise blocks.ConfigError("name the study: hybrids report study=<name> [storage=...] [out=...]")
-    write_report(opts.get("storage", "sqlite:///runs/optuna.db"), opts["study"], out_dir=opts.get("out"),
+        raise blocks.ConfigError(f"name the study: {REPORT_USAGE}")
+    if opts.get("mlflow", "true").lower() not in ("true", "false"):
+        raise blocks.ConfigError(f"mlflow must be true or false, got {opts['mlflow']!r}")
+    return opts
+
+
+def _report(args) -> int:
+    from analysis import DEFAULT_STORAGE, write_report
+
+    opts = _report_options(args.options)
+    write_report(opts.get("storage", DEFAULT_STORAGE), opts["study"], out_dir=opts.get("out"),
                  log_to_mlflow=opts.get("mlflow", "true").lower() != "false")
     return 0
 

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from blocks import ConfigError
+from search.checks import check_study
 from search.objective import Objective, TrialInterrupted
 from search.storage import counts, open_storage, recover
 from search.study_config import StudyConfig
@@ -49,12 +50,13 @@ def _parent_run(config: StudyConfig, study: optuna.Study) -> str:
         return run_id
     from mlflow import MlflowClient
 
-    from hybrids.training.tracking import ensure_store, experiment_id
+    from hybrids.training.tracking import STORAGE_TAG, ensure_store, experiment_id
 
     ensure_store(config.tracking_uri)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     exp = experiment_id(client, f"study-{config.name}", config.artifacts)
-    run = client.create_run(exp, run_name=f"study {config.name}", tags={"hybrids.study": config.name})
+    run = client.create_run(exp, run_name=f"study {config.name}",
+                            tags={"hybrids.study": config.name, STORAGE_TAG: config.resolved_storage()})
     for key, value in {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
                        "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
         client.log_param(run.info.run_id, key, value)
@@ -131,6 +133,7 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
         TrialInterrupted: Ctrl-C / SIGTERM during a trial (that trial is recorded as failed).
     """
     extra_train = list(extra_train or [])
+    check_study(config, extra_train)
     url = config.resolved_storage()
     if config.workers > 1 and url.startswith("sqlite"):
         raise ConfigError("several workers need a journal file or an RDB storage "

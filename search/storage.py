@@ -36,6 +36,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ImportError:  # SQLAlchemy imports the URL's driver only now (Optuna rewords the error)
+        scheme = url.partition(":")[0]
+        install = "pip install 'hybrids[postgres]'" if scheme.startswith("postgres") else \
+            f"pip install the SQLAlchemy driver for {scheme}"
+        raise ConfigError(f"cannot open study storage {url!r}: no database driver for {scheme} is installed; "
+                          f"{install}") from None
     except Exception as err:  # SQLAlchemy / driver errors: unreachable server, bad URL
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot open study storage {url!r}: {first}") from None

@@ -45,12 +45,17 @@ def _precision(config: TrainConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "32-true"
 
 
-def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
-    """Build the data, schedule and module for `config`; checks that model and task fit together."""
-    task = make_task(config.task)
+def check_vocab(config: TrainConfig, task) -> None:
+    """The model's vocabulary must hold every token id the task generates."""
     if config.model.vocab_size < task.vocab_size:
         raise ConfigError(f"model.vocab_size = {config.model.vocab_size} is smaller than the task's vocabulary "
                           f"({task.vocab_size}); set model.vocab_size={task.vocab_size}")
+
+
+def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
+    """Build the data, schedule and module for `config`; checks that model and task fit together."""
+    task = make_task(config.task)
+    check_vocab(config, task)
     schedule = build_schedule(config.schedule, config.trainer.max_steps,
                               tokens_per_step=config.trainer.batch_size * task.seq_len)
     if config.phase2_task is not None:

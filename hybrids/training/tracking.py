@@ -11,6 +11,8 @@ from pathlib import Path
 
 from hybrids.training.config import TrainConfig
 
+STORAGE_TAG = "hybrids.storage"  # on a study's MLflow parent run: the Optuna storage the study is in
+
 
 def ensure_store(uri: str) -> None:
     """Create the folder of a sqlite store, so that a fresh clone works without setup."""
