@@ -22,6 +22,7 @@ from analysis import figures
 from analysis.curves import trial_curves
 from analysis.frames import NOT_TABULATED, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
+from hybrids.training.files import check_writable
 
 log = logging.getLogger("hybrids")
 
@@ -196,6 +197,7 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     df = trials_frame(study, meta)
     summary = summary_frame(df)
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / study_name.replace(os.sep, "_")
+    check_writable(out_dir, "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = [out_dir / "summary.csv", out_dir / "trials.csv", out_dir / "summary.md"]
     summary.to_csv(tables[0], index=False)

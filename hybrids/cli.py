@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 
 import yaml
@@ -74,7 +75,12 @@ def _train(args) -> int:
         return 0
     from hybrids.training.run import train
 
-    result = train(config)
+    try:
+        result = train(config)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1) after its clean-up
+        print("hybrids: interrupted; the same command resumes the run from its last checkpoint: "
+              f"hybrids train {shlex.join(args.overrides)}", file=sys.stderr)
+        return 130
     summary = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/")}
     print(f"run: {result.run_dir}  steps: {result.steps}  {summary}")
     if result.stop_reason:
@@ -172,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (LayoutError, blocks.ConfigError, blocks.RegistryError) as err:
         print(f"hybrids: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybrids: interrupted", file=sys.stderr)
+        return 130
+    except PermissionError as err:  # a folder that turned read-only after the up-front checks
+        print(f"hybrids: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
 
 

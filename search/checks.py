@@ -1,5 +1,5 @@
-"""Checks of a whole study before any of its trials trains: every trial's config composes, its layout
-resolves, its schedule fits, and the study's metric is one that its task logs.
+"""Checks of a whole study before any of its trials trains: its folders and stores can be written, every
+trial's config composes, its layout resolves, its schedule fits, and the study's metric is one its task logs.
 
 A trial that fails on its own config would otherwise surface only when a worker reaches it, maybe hours
 into a sweep, and be retried to no avail.
@@ -32,19 +32,25 @@ def points(config: StudyConfig) -> list[dict[str, Any]]:
 
 
 def check_study(config: StudyConfig, extra_train: list[str]) -> None:
-    """Compose every trial's config and check it as training would, without training.
+    """Check the study's folders, then compose every trial's config and check it as training would.
 
     Raises:
-        ConfigError: naming the trial's parameters and what is wrong (a bad layout, key or value, a schedule
-            that does not fit, a metric the task does not log).
+        ConfigError: a read-only folder or store; or, naming the trial's parameters, what is wrong with its
+            config (a bad layout, key or value, a schedule that does not fit, a metric the task does not log).
     """
     from hybrids.accounting import stats
     from hybrids.training.config import compose
     from hybrids.training.data import make_task
+    from hybrids.training.files import check_writable, local_path
     from hybrids.training.module import logged_metrics
     from hybrids.training.run import check_vocab
     from hybrids.training.schedules import build_schedule
 
+    check_writable(config.runs_dir, "trial folder")
+    for url, what in ((config.resolved_storage(), "study storage"), (config.tracking_uri, "MLflow store")):
+        if (path := local_path(url)) is not None:
+            check_writable(path, what)
+    check_writable(config.artifacts, "MLflow artifact folder")
     objective = Objective(config, extra_train, parent_run_id=None)
     tasks: dict[str, Any] = {}
     metrics_of: dict[str, list[str]] = {}

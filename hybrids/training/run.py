@@ -4,6 +4,7 @@ The run directory (runs/train/<name>/) holds the resolved config, the layout, cs
 (one per attempt), checkpoints
 (last.ckpt and best.ckpt) and, if the run stopped early, stopped.json. Running the same config again
 resumes from last.ckpt: same data order (batches are a function of the step) and the same loss curve.
+A broken last.ckpt is set aside and the run resumes from the newest intact checkpoint (see files.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from blocks import ConfigError
 from hybrids.training.config import TrainConfig, flatten, run_name, to_dict, to_yaml
 from hybrids.training.data import MixedTask, make_task
+from hybrids.training.files import check_writable, local_path, resume_checkpoint
 from hybrids.training.module import LitHybrid
 from hybrids.training.schedules import build_schedule
 from hybrids.training.tracking import mlflow_logger, record_stop
@@ -76,6 +78,13 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     L.seed_everything(config.trainer.seed, verbose=False)
     module, run_dir = prepare(config)
     ckpt_dir = run_dir / "checkpoints"
+    check_writable(run_dir, "run folder")
+    if config.tracking.enabled:
+        if (store := local_path(config.tracking.uri)) is not None:
+            check_writable(store, "MLflow store")
+        check_writable(config.tracking.artifacts, "MLflow artifact folder")
+    resume = resume_checkpoint(ckpt_dir) if config.run.resume and ckpt_dir.is_dir() else None
+    resumed_from = str(resume) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
     (run_dir / "layout.txt").write_text(module.model.layout.describe() + "\n")
@@ -98,8 +107,6 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         log_every_n_steps=config.trainer.log_every, enable_progress_bar=config.trainer.progress_bar,
         enable_model_summary=False, default_root_dir=run_dir,
     )
-    resume = ckpt_dir / "last.ckpt"
-    resumed_from = str(resume) if config.run.resume and resume.is_file() else None
     if mlflow is not None and not resumed_from:
         _log_run_inputs(mlflow, config, module, run_dir)
     with warnings.catch_warnings():
