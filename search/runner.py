@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from blocks import ConfigError
 from search.checks import check_study
 from search.objective import Objective, TrialInterrupted
-from search.storage import counts, open_storage, recover
+from search.storage import counts, open_storage, recover, still_running
 from search.study_config import StudyConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -95,10 +95,22 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _NoFailedTrialLog(logging.Filter):
+    """Optuna logs a failed trial with its traceback, then re-raises the error (catch=()), which the CLI
+    prints in one line (Ctrl-C: "recorded as failed"): the log would only add a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return " failed with " not in record.getMessage()
+
+
+_NO_FAILED_TRIAL_LOG = _NoFailedTrialLog()
+
+
 def _quiet() -> None:
     """One line per trial instead of Lightning's and MLflow's banners for every run."""
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_NO_FAILED_TRIAL_LOG)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
@@ -146,6 +158,10 @@ def run_study(config: StudyConfig, extra_train: list[str] | None = None) -> dict
         study.set_user_attr(key, value)
     parent = _parent_run(config, study)
     recovered = recover(study, config.grace_period, config.max_retry)
+    for number, left in still_running(study, config.grace_period):
+        print(f"trial {number} is still RUNNING (its worker beat within grace_period = {config.grace_period:g} s): "
+              f"left to that worker; if the worker is gone, the trial counts as stale and is retried by a run "
+              f"started in {left:.0f} s or later", flush=True)
     queued = _queue_grid(config, study) if config.sampler == "grid" else 0
     if config.workers == 1:
         work(config, extra_train, parent)

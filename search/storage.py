@@ -113,6 +113,16 @@ def recover(study: optuna.Study, grace_period: float, max_retry: int) -> dict[st
     return {"stale": stale, "requeued": requeued}
 
 
+def still_running(study: optuna.Study, grace_period: float) -> list[tuple[int, float]]:
+    """RUNNING trials whose worker still beats: (trial number, seconds until it counts as stale)."""
+    now = time.time()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        stamp = t.system_attrs.get(HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else now)
+        out.append((t.number, max(0.0, grace_period - (now - stamp))))
+    return out
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
     """Trials by state; "done" = complete + pruned (what a top-up counts toward the target)."""
     out = {s.name.lower(): 0 for s in TrialState}
