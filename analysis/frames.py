@@ -16,8 +16,8 @@ import blocks
 from hybrids.layout import Layer, parse_layout
 from search import storage as search_storage
 from search.identity import base_name, versions
+from search.study_config import DEFAULT_STORAGE as DEFAULT_STORAGE  # re-exported by analysis
 
-DEFAULT_STORAGE = "sqlite:///runs/optuna.db"
 ACCOUNTING = ("layout", "d_model", "n_layers", "n_invocations", "n_attention", "params_unique", "flops_per_token",
               "kv_bytes", "state_bytes")
 # Long or per-trial-only attributes that a table of trials does not need (the resolved YAML is in MLflow).

@@ -23,6 +23,7 @@ from analysis import figures
 from analysis.curves import trial_curves
 from analysis.frames import NOT_TABULATED, ReportError, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
+from hybrids.training.files import check_writable
 
 log = logging.getLogger("hybrids")
 
@@ -224,7 +225,9 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     study, meta = load_study(storage, study_name)
     df = trials_frame(study, meta)
     summary = summary_frame(df)
-    out_dir = _claim(Path(out_dir) if out_dir is not None else Path("runs") / "reports" / _folder(meta), meta)
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / _folder(meta)
+    check_writable(out_dir, "report folder")
+    out_dir = _claim(out_dir, meta)
     tables = [out_dir / "summary.csv", out_dir / "trials.csv", out_dir / "summary.md"]
     summary.to_csv(tables[0], index=False)
     df.drop(columns=[c for c in NOT_TABULATED if c in df.columns]).to_csv(tables[1], index=False)

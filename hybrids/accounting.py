@@ -17,6 +17,7 @@ import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -61,6 +62,7 @@ def meta_model(source: str | ModelConfig | HybridLM, **overrides) -> HybridLM:
 def _check_recipe(source) -> None:
     """A lower-case name cannot be a layout: say it is no recipe rather than point a caret at it."""
     if isinstance(source, str) and _RECIPE_NAME.fullmatch(source) and not source.endswith((".yaml", ".yml")) \
+            and not Path(source).is_dir() \
             and not (RECIPES / f"{source}.yaml").is_file():
         raise ConfigError(f"unknown recipe {source!r}; recipes: {', '.join(recipe_names())} "
                           "(or give a YAML file or a layout such as \"6M:A*\")")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 
 import yaml
@@ -74,7 +75,12 @@ def _train(args) -> int:
         return 0
     from hybrids.training.run import train
 
-    result = train(config)
+    try:
+        result = train(config)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1) after its clean-up
+        print("hybrids: interrupted; the same command resumes the run from its last checkpoint: "
+              f"hybrids train {shlex.join(args.overrides)}", file=sys.stderr)
+        return 130
     summary = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith("val/")}
     print(f"run: {result.run_dir}  steps: {result.steps}  {summary}")
     if result.stop_reason:
@@ -86,7 +92,7 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from search.objective import TrialInterrupted
     from search.runner import run_study
-    from search.study_config import load_study
+    from search.study_config import DEFAULT_STORAGE, load_study
 
     config, extra_train = load_study(args.overrides)
     print(f"study {config.name}: {config.n_trials} trials, {config.sampler} sampler, "
@@ -100,18 +106,35 @@ def _sweep(args) -> int:
     c, name = result["counts"], result["study"].name
     print(f"study {name}: {c['done']}/{config.n_trials} done ({c['complete']} complete, {c['pruned']} pruned, "
           f"{c['fail']} failed); recovered {result['recovered']}")
-    storage = "" if result["storage"] == "sqlite:///runs/optuna.db" else f" storage={result['storage']}"
-    print(f"next: hybrids report study={name}{storage}")
+    store = result["storage"]
+    print(f"next: hybrids report study={name}" + (f" storage={store}" if store != DEFAULT_STORAGE else ""))
     return 0
 
 
-def _report(args) -> int:
-    from analysis import write_report
+REPORT_OPTIONS = ("study", "storage", "out", "mlflow")
+REPORT_USAGE = "hybrids report study=<name> [storage=URL] [out=DIR] [mlflow=false]"
 
-    opts = dict(o.split("=", 1) for o in args.options if "=" in o)
+
+def _report_options(options: list[str]) -> dict[str, str]:
+    """key=value options of `hybrids report`; anything else is an error naming the valid keys."""
+    opts = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in REPORT_OPTIONS:
+            raise blocks.ConfigError(f"unknown report option {option!r}; usage: {REPORT_USAGE}")
+        opts[key] = value
     if "study" not in opts:
-        raise blocks.ConfigError("name the study: hybrids report study=<name> [storage=...] [out=...]")
-    write_report(opts.get("storage", "sqlite:///runs/optuna.db"), opts["study"], out_dir=opts.get("out"),
+        raise blocks.ConfigError(f"name the study: {REPORT_USAGE}")
+    if opts.get("mlflow", "true").lower() not in ("true", "false"):
+        raise blocks.ConfigError(f"mlflow must be true or false, got {opts['mlflow']!r}")
+    return opts
+
+
+def _report(args) -> int:
+    from analysis import DEFAULT_STORAGE, write_report
+
+    opts = _report_options(args.options)
+    write_report(opts.get("storage", DEFAULT_STORAGE), opts["study"], out_dir=opts.get("out"),
                  log_to_mlflow=opts.get("mlflow", "true").lower() != "false")
     return 0
 
@@ -155,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (LayoutError, blocks.ConfigError, blocks.RegistryError) as err:
         print(f"hybrids: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybrids: interrupted", file=sys.stderr)
+        return 130
+    except PermissionError as err:  # a folder that turned read-only after the up-front checks
+        print(f"hybrids: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
 
 

@@ -85,6 +85,38 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file, or one line saying why it can't be read.
+
+    Args:
+        path: the file.
+        what: what the file should hold ("model config", "study"), for the message.
+    Returns:
+        The parsed mapping (an empty file gives {}).
+    Raises:
+        ConfigError: a missing file, a directory, an unreadable or malformed file, or YAML that is not a mapping.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; expected a {what} YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no such {what} file: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {what} file {path}: {getattr(err, 'strerror', None) or err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{what} file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {path} must hold a mapping of keys, got a {type(data).__name__}")
+    return data
+
+
 def load_config(source: str | ModelConfig, **overrides: Any) -> ModelConfig:
     """A ModelConfig from a recipe name, a YAML path, a layout string or a config, plus overrides.
 
@@ -99,11 +131,9 @@ def load_config(source: str | ModelConfig, **overrides: Any) -> ModelConfig:
     if isinstance(source, ModelConfig):
         data = source.to_dict()
     elif (RECIPES / f"{source}.yaml").is_file():
-        data = yaml.safe_load((RECIPES / f"{source}.yaml").read_text())
-    elif source.endswith((".yaml", ".yml")):
-        if not Path(source).is_file():
-            raise ConfigError(f"no such model config file: {source}")
-        data = yaml.safe_load(Path(source).read_text())
+        data = read_yaml(RECIPES / f"{source}.yaml", "model config")
+    elif source.endswith((".yaml", ".yml")) or Path(source).is_dir():
+        data = read_yaml(source, "model config")
     else:
         data = {"layout": source}
     nested: dict = {}

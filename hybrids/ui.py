@@ -132,12 +132,40 @@ def _wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float) 
 
 
 def dashboard_hint(storage: str, port: int = 8080) -> str:
-    """How to open optuna-dashboard on a study storage, next to the MLflow UI."""
+    """How to open optuna-dashboard on a study storage, next to the MLflow UI.
+
+    Args:
+        storage: an RDB URL or "journal:<path>" (optuna-dashboard takes a journal file by its path).
+        port: the dashboard's port.
+    """
     exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).with_name("optuna-dashboard"))
-    hint = f"Optuna:    {exe} {storage} --host 127.0.0.1 --port {port}   then open http://127.0.0.1:{port}"
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+    target = storage.removeprefix("journal:")
+    hint = f"Optuna:    {exe} {target} --host 127.0.0.1 --port {port}   then open http://127.0.0.1:{port}"
+    path = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else \
+        target if storage.startswith("journal:") else None
+    if path is not None and not Path(path).exists():
         hint += f"\n           (no study stored yet in {storage})"
     return hint
+
+
+def study_storages(tracking_uri: str) -> list[str]:
+    """The Optuna storages of the studies logged to an MLflow store (sweeps tag their parent runs with it).
+
+    Returns:
+        The distinct storage URLs, oldest study first; [] for a store without studies or one that can't be read.
+    """
+    from mlflow import MlflowClient
+
+    from hybrids.training.tracking import STORAGE_TAG
+
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, filter_string=f"tags.`{STORAGE_TAG}` LIKE '%'",
+                                  order_by=["attributes.start_time ASC"]) if ids else []
+    except Exception:  # an empty or foreign store: fall back to the default hint
+        return []
+    return list(dict.fromkeys(r.data.tags[STORAGE_TAG] for r in runs))
 
 
 def serve(
@@ -145,7 +173,7 @@ def serve(
     artifacts: str | os.PathLike = "runs/mlartifacts",
     host: str = "127.0.0.1",
     port: int = 5000,
-    optuna_storage: str | None = "sqlite:///runs/optuna.db",
+    optuna_storage: str | list[str] | None = "sqlite:///runs/optuna.db",
     wait: bool = True,
     timeout: float = 60.0,
 ) -> subprocess.Popen:
@@ -161,7 +189,7 @@ def serve(
             their experiment's own artifact_location, which the server reads as long as it is an absolute file URI.
         host: a loopback address: the server has no authentication, so it is never exposed beyond this machine.
         port: TCP port of the UI.
-        optuna_storage: study storage to print the optuna-dashboard command for; None prints nothing.
+        optuna_storage: study storage(s) to print the optuna-dashboard command for; None prints nothing.
         wait: block until Ctrl-C (or SIGTERM), then stop the server; False returns as soon as it answers.
         timeout: seconds to wait for the first answer.
 
@@ -193,8 +221,8 @@ def serve(
         _wait_until_up(proc, url, log, timeout)
         print(f"MLflow UI: {url}/#/experiments?workflowType=machine_learning")
         print(f"           store {tracking_uri}, artifacts {artifacts}, server log {log}")
-        if optuna_storage:
-            print(dashboard_hint(optuna_storage))
+        for storage in [optuna_storage] if isinstance(optuna_storage, str) else optuna_storage or []:
+            print(dashboard_hint(storage))
         if wait:
             print("Ctrl-C stops the server.", flush=True)
             _block_until_interrupt(proc)
@@ -222,15 +250,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db", help="MLflow backend store")
     parser.add_argument("--artifacts", default="runs/mlartifacts", help="artifact folder of new experiments")
     parser.add_argument("--port", type=int, default=5000, help="port of the MLflow UI (127.0.0.1 only)")
-    parser.add_argument("--storage", default="sqlite:///runs/optuna.db",
-                        help="Optuna storage to print the optuna-dashboard command for")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage to print the optuna-dashboard command for (default: the storages "
+                             "of the studies in the tracking store, else sqlite:///runs/optuna.db)")
     parser.add_argument("--no-wait", action="store_true", help="return once the server answers, leaving it running")
 
 
 def main_ui(args: argparse.Namespace) -> int:
     """`hybrids ui`: serve until Ctrl-C; an error the user can fix ends in one line and exit code 2."""
+    storages = [args.storage] if args.storage else study_storages(absolute_tracking_uri(args.tracking_uri)) \
+        or ["sqlite:///runs/optuna.db"]
     try:
-        proc = serve(args.tracking_uri, args.artifacts, port=args.port, optuna_storage=args.storage,
+        proc = serve(args.tracking_uri, args.artifacts, port=args.port, optuna_storage=storages,
                      wait=not args.no_wait)
     except UIError as err:
         print(f"hybrids: error: {err}", file=sys.stderr)

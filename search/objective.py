@@ -100,6 +100,13 @@ class Objective:
         return self._width_cache[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except (KeyboardInterrupt, SystemExit):
+            # also during set-up (compose, accounting, data), before Lightning handles the signal itself
+            raise TrialInterrupted(f"trial {trial.number} interrupted") from None
+
+    def _run(self, trial: optuna.Trial) -> float:
         from hybrids.accounting import stats
         from hybrids.training.config import compose, to_yaml
         from hybrids.training.run import train
@@ -121,10 +128,7 @@ class Objective:
         print(f"trial {trial.number:>3} start    {group_label(params)}  seed {config.trainer.seed}{retry}", flush=True)
         pruning = _pruning_callback(trial, c.metric) if c.pruner != "none" else None
         with Heartbeat(trial, c.heartbeat_interval):
-            try:
-                result = train(config, callbacks=[pruning] if pruning else None)
-            except (KeyboardInterrupt, SystemExit):
-                raise TrialInterrupted(f"trial {trial.number} interrupted") from None
+            result = train(config, callbacks=[pruning] if pruning else None)
         trial.set_user_attr("run_dir", str(result.run_dir))
         trial.set_user_attr("mlflow_run_id", result.mlflow_run_id)
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})

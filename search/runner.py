@@ -20,9 +20,10 @@ from optuna.trial import TrialState
 
 from blocks import ConfigError
 from hybrids.training.progress import format_duration
+from search.checks import check_study
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
-from search.storage import counts, open_storage, recover
+from search.storage import counts, open_storage, recover, still_running
 from search.study_config import StudyConfig, load_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -52,14 +53,15 @@ def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Stud
         return run_id
     from mlflow import MlflowClient
 
-    from hybrids.training.tracking import ensure_store, experiment_id, record_tags
+    from hybrids.training.tracking import STORAGE_TAG, ensure_store, experiment_id, record_tags
 
     ensure_store(config.tracking_uri)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     exp = experiment_id(client, f"study-{config.name}", config.artifacts)
     run = client.create_run(exp, run_name=f"study {identity.name} ({identity.uid})",
                             tags={"hybrids.study": config.name, "hybrids.study_uid": identity.uid,
-                                  "hybrids.study_version": str(identity.version), **record_tags()})
+                                  "hybrids.study_version": str(identity.version),
+                                  STORAGE_TAG: config.resolved_storage(), **record_tags()})
     for key, value in {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
                        "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
         client.log_param(run.info.run_id, key, value)
@@ -115,6 +117,17 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _NoFailedTrialLog(logging.Filter):
+    """Optuna logs a failed trial with its traceback, then re-raises the error (catch=()), which the CLI
+    prints in one line (Ctrl-C: "recorded as failed"): the log would only add a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return " failed with " not in record.getMessage()
+
+
+_NO_FAILED_TRIAL_LOG = _NoFailedTrialLog()
+
+
 def _quiet() -> None:
     """One line per trial instead of Lightning's and MLflow's banners for every run."""
     import lightning.pytorch  # noqa: F401  both set their loggers to INFO when imported: import them first
@@ -123,6 +136,7 @@ def _quiet() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at" of a tracking server
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_NO_FAILED_TRIAL_LOG)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
@@ -170,6 +184,7 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
         config, listed = load_study(list(config))
         extra_train = [*listed, *(extra_train or [])]
     extra_train = list(extra_train or [])
+    check_study(config, extra_train)
     url = config.resolved_storage()
     if config.workers > 1 and url.startswith("sqlite"):
         raise ConfigError("several workers need a journal file or an RDB storage "
@@ -188,6 +203,10 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
     _parent_status(config, parent, "RUNNING")  # a top-up re-opens the run a finished or killed sweep closed
     try:
         recovered = recover(study, config.grace_period, config.max_retry)
+        for number, left in still_running(study, config.grace_period):
+            print(f"trial {number} is still RUNNING (its worker beat within grace_period = {config.grace_period:g} "
+                  f"s): left to that worker; if the worker is gone, the trial counts as stale and is retried by a "
+                  f"run started in {left:.0f} s or later", flush=True)
         queued = _queue_grid(config, study) if config.sampler == "grid" else 0
         if config.workers == 1:
             work(config, identity, extra_train, parent)

@@ -36,10 +36,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except ImportError as err:  # SQLAlchemy has no driver module for the URL's database
-        hint = ("pip install 'hybrids[postgres]' (psycopg 3, the default driver of postgresql:// URLs "
-                "from SQLAlchemy 2.1)" if url.startswith("postgresql") else "install the database's driver")
-        raise ConfigError(f"cannot open study storage {url!r}: no database driver ({err}); {hint}") from None
+    except ImportError:  # SQLAlchemy imports the URL's driver only now (Optuna rewords the error)
+        scheme = url.partition(":")[0]
+        install = ("pip install 'hybrids[postgres]' (psycopg 3, the default driver of postgresql:// URLs from "
+                   "SQLAlchemy 2.1)") if scheme.startswith("postgres") else \
+            f"pip install the SQLAlchemy driver for {scheme}"
+        raise ConfigError(f"cannot open study storage {url!r}: no database driver for {scheme} is installed; "
+                          f"{install}") from None
     except Exception as err:  # SQLAlchemy / driver errors: unreachable server, bad URL
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot open study storage {url!r}: {first}") from None
@@ -109,6 +112,16 @@ def recover(study: optuna.Study, grace_period: float, max_retry: int) -> dict[st
             study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
             requeued.append(t.number)
     return {"stale": stale, "requeued": requeued}
+
+
+def still_running(study: optuna.Study, grace_period: float) -> list[tuple[int, float]]:
+    """RUNNING trials whose worker still beats: (trial number, seconds until it counts as stale)."""
+    now = time.time()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        stamp = t.system_attrs.get(HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else now)
+        out.append((t.number, max(0.0, grace_period - (now - stamp))))
+    return out
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

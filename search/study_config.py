@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 import yaml
 
 from blocks import ConfigError
+from hybrids.config import read_yaml
 
 STUDIES = Path(__file__).resolve().parents[1] / "recipes" / "study"
 KINDS = ("spacing", "ablation", "schedule", "generic")
 SAMPLERS = ("grid", "tpe", "random")
+DEFAULT_STORAGE = "sqlite:///runs/optuna.db"  # one worker; several share a journal file or an RDB
 
 
 @dataclass
@@ -66,7 +69,8 @@ class StudyConfig:
     artifacts: str = "runs/mlartifacts"
 
     def __post_init__(self) -> None:
-        self.space = {k: v if isinstance(v, Param) else Param(**v) for k, v in self.space.items()}
+        self._check_types()
+        self.space = {k: v if isinstance(v, Param) else _param(k, v) for k, v in self.space.items()}
         if self.kind not in KINDS:
             raise ConfigError(f"study kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.sampler not in SAMPLERS:
@@ -76,19 +80,53 @@ class StudyConfig:
         if self.pruner not in ("median", "none"):
             raise ConfigError(f"pruner must be median or none, got {self.pruner!r}")
         if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be an integer >= 1, got {self.workers}")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ConfigError(f"n_trials must be an integer >= 1 (or left out: the grid's size), got {self.n_trials}")
+        if self.max_retry < 0:
+            raise ConfigError(f"max_retry must be an integer >= 0, got {self.max_retry}")
+        if self.heartbeat_interval <= 0:
+            raise ConfigError(f"heartbeat_interval must be a number of seconds > 0, got {self.heartbeat_interval}")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"grace_period must be a number of seconds > heartbeat_interval = "
+                              f"{self.heartbeat_interval} (else a live trial looks stale), got {self.grace_period}")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed, e.g. seeds=[0]")
         if "variant" in self.space:
             missing = set(self.space["variant"].choices) - set(self.variants)
             if missing:
                 raise ConfigError(f"variant choice(s) {', '.join(sorted(missing))} have no entry under 'variants'")
         if len(self.seeds) > 1:
             self.space.setdefault("trainer.seed", Param(choices=list(self.seeds)))
+        if not self.space:
+            raise ConfigError(f"study {self.name!r} has an empty search space: give 'space' at least one key, "
+                              "e.g. space: {model.layout: {choices: [M, '2M:A*']}}")
         if self.sampler == "grid":
             ranged = [k for k, p in self.space.items() if p.type != "categorical"]
             if ranged:
                 raise ConfigError(f"the grid sampler needs categorical dimensions; {', '.join(ranged)} are ranges")
             self.n_trials = min(self.n_trials or len(self.grid()), len(self.grid()))
         self.n_trials = self.n_trials or 8
+
+    def _check_types(self) -> None:
+        """One line naming the key for a value of the wrong type (a YAML file or key=value gives any type)."""
+        expect = {"name": str, "question": str, "kind": str, "metric": str, "direction": str, "sampler": str,
+                  "pruner": str, "workers": int, "max_retry": int, "heartbeat_interval": float,
+                  "grace_period": float, "runs_dir": str, "tracking_uri": str, "artifacts": str}
+        optional = {"n_trials": int, "storage": str, "x": str, "match": dict}
+        containers = {"seeds": list, "train": list, "space": dict, "variants": dict}
+        for key, kind in [*expect.items(), *optional.items(), *containers.items()]:
+            value = getattr(self, key)
+            if value is None and key in optional:
+                continue
+            if not _is_a(value, kind):
+                name = {int: "an integer", float: "a number", str: "a string", list: "a list",
+                        dict: "a mapping"}[kind]
+                raise ConfigError(f"{key} must be {name}, got {value!r}")
+        if not all(_is_a(s, int) for s in self.seeds):
+            raise ConfigError(f"seeds must be a list of integers, got {self.seeds!r}")
+        if not all(isinstance(o, str) for o in self.train):
+            raise ConfigError(f"train must be a list of override strings (key=value), got {self.train!r}")
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of the categorical dimensions, in a fixed order."""
@@ -102,11 +140,36 @@ class StudyConfig:
     def resolved_storage(self) -> str:
         if self.storage:
             return self.storage
-        return "journal:runs/optuna.journal" if self.workers > 1 else "sqlite:///runs/optuna.db"
+        return "journal:runs/optuna.journal" if self.workers > 1 else DEFAULT_STORAGE
 
 
-def _coerce(value: str) -> Any:
-    return yaml.safe_load(value)
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _param(name: str, data: Any) -> Param:
+    if not isinstance(data, dict):
+        raise ConfigError(f"space.{name} must be a mapping such as {{choices: [...]}}, got {data!r}")
+    valid = {f.name for f in dataclasses.fields(Param)}
+    unknown = set(data) - valid
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in space.{name}; "
+                          f"valid: {', '.join(sorted(valid))}")
+    try:
+        return Param(**data)
+    except ConfigError as err:
+        raise ConfigError(f"space.{name}: {err}") from None
+
+
+def _coerce(key: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"value of {key!r} is not valid YAML: {value!r}") from None
 
 
 def load_study(overrides: list[str]) -> tuple[StudyConfig, list[str]]:
@@ -125,14 +188,14 @@ def load_study(overrides: list[str]) -> tuple[StudyConfig, list[str]]:
     if name is None:
         raise ConfigError(f"name a study: study=<name>; built-in studies: {', '.join(names)}")
     path = STUDIES / f"{name}.yaml" if (STUDIES / f"{name}.yaml").is_file() else Path(name)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"unknown study {name!r}; built-in studies: {', '.join(names)} (or a path to a YAML file)")
-    data = {"name": path.stem, **yaml.safe_load(path.read_text())}
+    data = {"name": path.stem, **read_yaml(path, "study")}
     valid = {f.name for f in dataclasses.fields(StudyConfig)}
     for key, value in args.items():
         if key not in valid:
             raise ConfigError(f"unknown study key {key!r}; valid: {', '.join(sorted(valid))}")
-        data[key] = _coerce(value)
+        data[key] = _coerce(key, value)
     unknown = set(data) - valid
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in {path}; valid: {', '.join(sorted(valid))}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from hybrids.training.schedules import ScheduleConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # what Lightning's Trainer accepts on one device
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -28,6 +34,16 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss
+
+    def __post_init__(self) -> None:
+        if not _number(self.lr) or self.lr <= 0:
+            raise ConfigError(f"optim.lr must be a number > 0, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)!r}")
+        for key in ("weight_decay", "grad_clip", "aux_loss_coef"):
+            value = getattr(self, key)
+            if not _number(value) or value < 0:
+                raise ConfigError(f"optim.{key} must be a number >= 0 (0 turns it off), got {value!r}")
 
 
 @dataclass
@@ -44,6 +60,16 @@ class TrainerConfig:
     seed: int = 0
     progress_bar: bool = True  # in a terminal; elsewhere (or false) plain lines every progress_every_s seconds
     progress_every_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, "
+                              f"got {self.accelerator!r}")
+        for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -75,14 +101,6 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        if self.trainer.precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, "
-                              f"got {self.trainer.precision!r}")
-        for key in ("max_steps", "batch_size", "val_every", "ckpt_every", "log_every"):
-            if getattr(self.trainer, key) <= 0:
-                raise ConfigError(f"trainer.{key} must be positive, got {getattr(self.trainer, key)}")
-        if self.trainer.progress_every_s < 0:
-            raise ConfigError(f"trainer.progress_every_s must be >= 0, got {self.trainer.progress_every_s}")
         if "name" not in self.task:
             raise ConfigError("task needs a name (task=mqar, task=lm, ...)")
 
@@ -121,7 +139,8 @@ def validate(data: dict) -> TrainConfig:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
+        key, msg = getattr(err, "full_key", None), getattr(err, "msg", None)
+        raise ConfigError(f"{key}: {msg.strip().splitlines()[0]}" if key and msg else _one_line(err)) from None
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -104,3 +104,17 @@ class LitHybrid(L.LightningModule):
             lr=o.lr, betas=tuple(o.betas))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.schedule.lambda_lr(optimizer), "interval": "step"}}
+
+
+def logged_metrics(task: Task, batch_size: int, val_batches: int) -> list[str]:
+    """The names of the scalar metrics a run of `task` ends with (a sweep's objective reads one of them).
+
+    Validation metrics come from the task's own `metrics` on the validation batches a run scores, so that
+    batch-dependent names (LongCopy's recall@{d}) are found as a run would find them.
+    """
+    names = {"val/loss", "train/loss", "train/accuracy", "lr", "data/phase2_fraction", "tokens"}
+    for index in range(val_batches):
+        batch = task.batch(index, batch_size, "val")
+        logits = torch.zeros(*batch.input_ids.shape, task.vocab_size)  # (B, L, V)
+        names |= {f"val/{k}" for k in task.metrics(logits, batch)}
+    return sorted(names)

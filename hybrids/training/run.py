@@ -4,6 +4,7 @@ The run directory (runs/train/<name>/) holds the resolved config, the layout, cs
 (one per attempt), checkpoints
 (last.ckpt and best.ckpt) and, if the run stopped early, stopped.json. Running the same config again
 resumes from last.ckpt: same data order (batches are a function of the step) and the same loss curve.
+A broken last.ckpt is set aside and the run resumes from the newest intact checkpoint (see files.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from blocks import ConfigError
 from hybrids.training.config import TrainConfig, compose, differences, flatten, run_name, scored, to_dict, to_yaml
 from hybrids.training.data import MixedTask, make_task
+from hybrids.training.files import check_writable, local_path, resume_checkpoint
 from hybrids.training.module import LitHybrid
 from hybrids.training.progress import ProgressLines, use_bar
 from hybrids.training.schedules import build_schedule
@@ -47,12 +49,17 @@ def _precision(config: TrainConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "32-true"
 
 
-def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
-    """Build the data, schedule and module for `config`; checks that model and task fit together."""
-    task = make_task(config.task)
+def check_vocab(config: TrainConfig, task) -> None:
+    """The model's vocabulary must hold every token id the task generates."""
     if config.model.vocab_size < task.vocab_size:
         raise ConfigError(f"model.vocab_size = {config.model.vocab_size} is smaller than the task's vocabulary "
                           f"({task.vocab_size}); set model.vocab_size={task.vocab_size}")
+
+
+def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
+    """Build the data, schedule and module for `config`; checks that model and task fit together."""
+    task = make_task(config.task)
+    check_vocab(config, task)
     schedule = build_schedule(config.schedule, config.trainer.max_steps,
                               tokens_per_step=config.trainer.batch_size * task.seq_len)
     if config.phase2_task is not None:
@@ -81,6 +88,13 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     module, run_dir = prepare(config)
     _check_same_run(run_dir, config)
     ckpt_dir = run_dir / "checkpoints"
+    check_writable(run_dir, "run folder")
+    if config.tracking.enabled:
+        if (store := local_path(config.tracking.uri)) is not None:
+            check_writable(store, "MLflow store")
+        check_writable(config.tracking.artifacts, "MLflow artifact folder")
+    resume = resume_checkpoint(ckpt_dir) if config.run.resume and ckpt_dir.is_dir() else None
+    resumed_from = str(resume) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
     (run_dir / "layout.txt").write_text(module.model.layout.describe() + "\n")
@@ -106,8 +120,6 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
         callbacks=[last, best, *progress, *(callbacks or [])], log_every_n_steps=config.trainer.log_every,
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
     )
-    resume = ckpt_dir / "last.ckpt"
-    resumed_from = str(resume) if config.run.resume and resume.is_file() else None
     if mlflow is not None and not resumed_from:
         _log_run_inputs(mlflow, config, module, run_dir)
     with warnings.catch_warnings():

@@ -80,22 +80,22 @@ class ScheduleConfig:
         for key in _FRACTIONS:
             value = getattr(self, key)
             if not _is_real(value) or not 0 <= value <= 1:
-                raise ConfigError(f"{key} must be a number in [0, 1], got {value!r}")
+                raise ConfigError(f"schedule.{key} must be a number in [0, 1], got {value!r}")
         for key in ("warmup_steps", "rewarm_steps"):
             value = getattr(self, key)
             if not _is_int(value) or value < 0:
-                raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+                raise ConfigError(f"schedule.{key} must be an integer >= 0, got {value!r}")
         if not _is_real(self.phase2_start) or self.phase2_start < 0:
-            raise ConfigError(f"phase2_start must be a fraction in [0, 1) or a token count >= 1, "
+            raise ConfigError(f"schedule.phase2_start must be a fraction in [0, 1) or a token count >= 1, "
                               f"got {self.phase2_start!r}")
         if not _is_real(self.rewarm_ratio) or self.rewarm_ratio < 0:
-            raise ConfigError(f"rewarm_ratio must be a finite number >= 0, got {self.rewarm_ratio!r}")
+            raise ConfigError(f"schedule.rewarm_ratio must be a finite number >= 0, got {self.rewarm_ratio!r}")
         if self.name == "two_phase" and self.rewarm_ratio < self.min_lr_ratio:
-            raise ConfigError(f"rewarm_ratio must be >= min_lr_ratio = {self.min_lr_ratio} (phase 2 anneals down "
-                              f"to it), got {self.rewarm_ratio}")
+            raise ConfigError(f"schedule.rewarm_ratio must be >= schedule.min_lr_ratio = {self.min_lr_ratio} "
+                              f"(phase 2 anneals down to it), got {self.rewarm_ratio}")
         if self.name in ("wsd", "two_phase") and self.decay_shape == "exp" and self.min_lr_ratio == 0:
-            raise ConfigError("min_lr_ratio must be > 0 with decay_shape 'exp' (a geometric decay cannot reach 0); "
-                              "use 'linear' or 'cosine' to decay to 0")
+            raise ConfigError("schedule.min_lr_ratio must be > 0 with decay_shape 'exp' (a geometric decay cannot "
+                              "reach 0); use 'linear' or 'cosine' to decay to 0")
 
 
 @dataclass
@@ -121,25 +121,26 @@ class Schedule:
         if not _is_int(self.tokens_per_step) or self.tokens_per_step < 1:
             raise ConfigError(f"tokens_per_step must be an integer >= 1, got {self.tokens_per_step!r}")
         if c.warmup_steps > T - 1:
-            raise ConfigError(f"warmup_steps must be in [0, {T - 1}] (total_steps = {T}), got {c.warmup_steps}")
+            raise ConfigError(f"schedule.warmup_steps must be in [0, {T - 1}] (total_steps = {T}), "
+                              f"got {c.warmup_steps}")
         if c.name == "wsd":
             n_decay = _round(c.decay_fraction * T)
             if c.warmup_steps + n_decay > T:
-                raise ConfigError(f"decay_fraction = {c.decay_fraction} decays the last {n_decay} of {T} steps, "
-                                  f"overlapping the {c.warmup_steps} warmup steps; need decay_fraction <= "
+                raise ConfigError(f"schedule.decay_fraction = {c.decay_fraction} decays the last {n_decay} of "
+                                  f"{T} steps, overlapping the {c.warmup_steps} warmup steps; need decay_fraction <= "
                                   f"{(T - c.warmup_steps) / T:.4g}")
             self._decay_start = T - n_decay
         elif c.name == "two_phase":
             start = self._phase2_step()
             low = max(1, c.warmup_steps)
             if not low <= start <= T - 1:
-                raise ConfigError(f"phase2_start = {c.phase2_start} puts phase 2 at step {start} (total_steps = {T}, "
-                                  f"tokens_per_step = {self.tokens_per_step}); it must start in [{low}, {T - 1}], "
-                                  f"after warmup and at least one phase-1 step, before the last step")
+                raise ConfigError(f"schedule.phase2_start = {c.phase2_start} puts phase 2 at step {start} "
+                                  f"(total_steps = {T}, tokens_per_step = {self.tokens_per_step}); it must start in "
+                                  f"[{low}, {T - 1}], after warmup and 1+ phase-1 steps, before the last step")
             longest = max(0, T - 2 - start)
             if c.rewarm_steps > longest:
-                raise ConfigError(f"rewarm_steps must be in [0, {longest}]: phase 2 has {T - start} steps and "
-                                  f"needs at least one anneal step after the re-warm, got {c.rewarm_steps}")
+                raise ConfigError(f"schedule.rewarm_steps must be in [0, {longest}]: phase 2 has {T - start} "
+                                  f"steps and needs at least one anneal step after the re-warm, got {c.rewarm_steps}")
             self.phase2_start_step = start
             self._anneal_start = start + c.rewarm_steps
             self._phase1_end = self._phase1(start - 1)
@@ -287,4 +288,4 @@ def _is_real(value) -> bool:
 
 def _check_choice(key: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(choices)}")
+        raise ConfigError(f"unknown schedule.{key} {value!r}; valid: {', '.join(choices)}")

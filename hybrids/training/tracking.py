@@ -16,6 +16,7 @@ from pathlib import Path
 from hybrids.training.config import TrainConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+STORAGE_TAG = "hybrids.storage"  # on a study's MLflow parent run: the Optuna storage the study is in
 
 
 def ensure_store(uri: str) -> None:

@@ -1,0 +1,77 @@
+"""Checks of a whole study before any of its trials trains: its folders and stores can be written, every
+trial's config composes, its layout resolves, its schedule fits, and the study's metric is one its task logs.
+
+A trial that fails on its own config would otherwise surface only when a worker reaches it, maybe hours
+into a sweep, and be retried to no avail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from blocks import ConfigError
+from hybrids.layout import LayoutError
+from search.objective import Objective, group_label
+from search.study_config import StudyConfig
+
+
+def points(config: StudyConfig) -> list[dict[str, Any]]:
+    """The parameter sets the study can give a trial: the grid's first n_trials points, or for other
+    samplers every categorical combination with each range at its two ends."""
+    if config.sampler == "grid":
+        return config.grid()[: config.n_trials]
+    keys = list(config.space)
+    choices = [p.choices if p.type == "categorical" else sorted({p.low, p.high}) for p in config.space.values()]
+    out = []
+    for values in itertools.product(*choices):
+        point = dict(zip(keys, values, strict=True))
+        out.append({k: int(v) if config.space[k].type == "int" else v for k, v in point.items()})
+    return out
+
+
+def check_study(config: StudyConfig, extra_train: list[str]) -> None:
+    """Check the study's folders, then compose every trial's config and check it as training would.
+
+    Raises:
+        ConfigError: a read-only folder or store; or, naming the trial's parameters, what is wrong with its
+            config (a bad layout, key or value, a schedule that does not fit, a metric the task does not log).
+    """
+    from hybrids.accounting import stats
+    from hybrids.training.config import compose
+    from hybrids.training.data import make_task
+    from hybrids.training.files import check_writable, local_path
+    from hybrids.training.module import logged_metrics
+    from hybrids.training.run import check_vocab
+    from hybrids.training.schedules import build_schedule
+
+    check_writable(config.runs_dir, "trial folder")
+    for url, what in ((config.resolved_storage(), "study storage"), (config.tracking_uri, "MLflow store")):
+        if (path := local_path(url)) is not None:
+            check_writable(path, what)
+    check_writable(config.artifacts, "MLflow artifact folder")
+    objective = Objective(config, extra_train, parent_run_id=None)
+    tasks: dict[str, Any] = {}
+    metrics_of: dict[str, list[str]] = {}
+    for point in points(config):
+        where = f"study {config.name}, trial {group_label(point)}"
+        try:
+            trial = compose(objective.overrides(point, 0))
+            stats(trial.model, seq_len=int(trial.task.get("seq_len", 256)))
+            task_key = json.dumps(trial.task, sort_keys=True)
+            task = tasks[task_key] = tasks.get(task_key) or make_task(trial.task)
+            check_vocab(trial, task)
+            build_schedule(trial.schedule, trial.trainer.max_steps,
+                           tokens_per_step=trial.trainer.batch_size * task.seq_len)
+            key = json.dumps([task_key, trial.trainer.batch_size, trial.trainer.val_batches])
+            if key not in metrics_of:
+                metrics_of[key] = logged_metrics(task, trial.trainer.batch_size, trial.trainer.val_batches)
+        except LayoutError as err:
+            raise LayoutError(f"{where}: {err.reason}", err.text, err.pos) from None
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if config.metric not in metrics_of[key]:
+            val = [m for m in metrics_of[key] if m.startswith(("val/", "train/"))]
+            raise ConfigError(f"{where}: metric {config.metric!r} is not logged by task "
+                              f"{trial.task['name']!r}; it logs {', '.join(val)}")
