@@ -3,6 +3,7 @@
     hybrids blocks                     list the registered blocks and their config fields
     hybrids layout "6M:A*" --depth 78  resolve a layout string, then account for a model built from it
     hybrids info zamba-7b              parameters, FLOPs per token and cache bytes of a recipe, YAML or layout
+    hybrids data sample task=mqar n=8  write examples of a synthetic task to an .npz file and print a few
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ def _report(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from hybrids.training.tasks.sample import sample
+
+    sample(args.options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrids", description="Hybrid SSM / attention model experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="study=<name>, study keys (n_trials=, workers=, storage=, ...) "
                                                  "and train.<override> for every trial")
     sw.set_defaults(run=_sweep)
+    dt = sub.add_parser("data", help="look at a task's data: hybrids data sample task=multiquery_ar n=8 out=x.npz")
+    dt.add_argument("action", choices=["sample"], help="sample: write n examples to an .npz file and print a few")
+    dt.add_argument("options", nargs="*", help="task=<name> [task.<key>=<value> ...] [n=8] [seed=0] [split=train] "
+                                               "[show=3] [out=FILE.npz] [overwrite=true]")
+    dt.set_defaults(run=_data)
     rp = sub.add_parser("report", help="tables and figures of a study: hybrids report study=attention-spacing")
     rp.add_argument("options", nargs="*", help="study=<name> [storage=URL] [out=DIR] [mlflow=false]")
     rp.set_defaults(run=_report)

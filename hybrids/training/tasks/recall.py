@@ -1,12 +1,8 @@
-"""Synthetic in-context recall tasks generated on the fly from a seed: MQAR, selective copying, long-distance copy.
+"""Our own synthetic recall tasks, generated on the fly from a seed: MQAR, selective copying, long-distance copy.
 
-A batch is a pure function of (task config, split, index, batch_size): its random stream is a torch.Generator
-seeded by `batch_seed`, a BLAKE2 hash of (task name, seed, split, index), which is the same in every process and
-on every machine (Python's `hash()` of a str is salted per process). Splits hash to unrelated streams; the
-examples themselves can still coincide by chance when a task's space of examples is small.
-
-Targets follow the causal-LM convention: `targets[b, t]` is the token to predict after reading `input_ids[b, :t+1]`,
-IGNORE_INDEX (-100) where nothing is scored. Token layouts (V = vocab_size, n/N/D as in each config):
+The published generators under their original names live beside these (zoology.py: multiquery_ar; mad.py: the
+six MAD tasks). Seeding and the causal-LM target convention are described in base.py. Token layouts
+(V = vocab_size, n/N/D as in each config):
 
 - mqar: 0 filler, keys [1, 1 + K), values [1 + K, V) with K = (V - 1) // 2.
   `k1 v1 k2 v2 ... kn vn | tail`: n distinct keys, n distinct values. The tail (seq_len - 2n tokens) is filler
@@ -26,117 +22,21 @@ IGNORE_INDEX (-100) where nothing is scored. Token layouts (V = vocab_size, n/N/
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import torch
 
 from blocks import ConfigError
-
-IGNORE_INDEX = -100
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class Batch:
-    """One batch of a task.
-
-    input_ids: (B, L) int64. targets: (B, L) int64, the token to predict after reading input_ids[:, :t+1],
-    IGNORE_INDEX where not scored. extra: per-example tensors, e.g. {"distance": (B,) int64} for long_copy.
-    """
-
-    input_ids: torch.Tensor
-    targets: torch.Tensor
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def to(self, device: torch.device | str) -> Batch:
-        extra = {k: v.to(device) for k, v in self.extra.items()}
-        return Batch(self.input_ids.to(device), self.targets.to(device), extra)
-
-
-class Task:
-    """What the trainer needs from a task: a vocabulary size, a sequence length, batches and metrics."""
-
-    name: str
-    vocab_size: int
-    seq_len: int
-
-    def batch(self, index: int, batch_size: int, split: str = "train") -> Batch:
-        """Batch number `index` of `split`; the same arguments give identical tensors."""
-        raise NotImplementedError
-
-    def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        """Scalar metrics of `logits` (B, L, V) on `batch`: "accuracy" of the argmax over scored positions."""
-        correct, scored = score(logits, batch)
-        return {"accuracy": accuracy(correct, scored)}
-
-
-def batch_seed(name: str, seed: int, split: str, index: int) -> int:
-    """The generator seed of batch `index` of `split`: a 63-bit BLAKE2 hash, stable across processes.
-
-    Raises:
-        ConfigError: for a split that is not one of SPLITS.
-    """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    digest = hashlib.blake2b(f"{name}/{seed}/{split}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def score(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, scored), both (B, L) bool: argmax == target at scored positions, and where targets are scored."""
-    if logits.shape[:2] != batch.targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(batch.targets.shape)}")
-    targets = batch.targets.to(logits.device)
-    scored = targets != IGNORE_INDEX
-    return (logits.argmax(dim=-1) == targets) & scored, scored
-
-
-def accuracy(correct: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Fraction of scored positions that are correct (0 when nothing is scored)."""
-    return correct.sum().float() / scored.sum().clamp_min(1).float()
-
-
-def sequence_correct(correct: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: every scored position of the example is correct (False for an example with none scored)."""
-    return (correct | ~scored).all(dim=1) & scored.any(dim=1)
-
-
-def _distinct(gen: torch.Generator, batch_size: int, population: int, k: int) -> torch.Tensor:
-    """(B, k) int64: per row, k distinct draws from range(population) in random order."""
-    return torch.rand(batch_size, population, generator=gen).argsort(dim=1)[:, :k]
-
-
-def _check_ints(config: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{name} must be an int, got {value!r}")
-
-
-class SyntheticTask(Task):
-    """A task built from a config dataclass with a `seed`; subclasses generate from a seeded generator."""
-
-    config_cls: ClassVar[type]
-
-    def __init__(self, config: Any):
-        self.config = config
-        self.vocab_size = config.vocab_size
-        self.seq_len = config.seq_len
-
-    def batch(self, index: int, batch_size: int, split: str = "train") -> Batch:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        gen = torch.Generator().manual_seed(batch_seed(self.name, self.config.seed, split, index))
-        return self.generate(gen, batch_size)
-
-    def generate(self, gen: torch.Generator, batch_size: int) -> Batch:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
+from hybrids.training.tasks.base import (
+    IGNORE_INDEX,
+    Batch,
+    SyntheticTask,
+    accuracy,
+    check_types,
+    distinct,
+    score,
+    sequence_correct,
+)
 
 
 @dataclass
@@ -152,7 +52,7 @@ class MQARConfig:
     def __post_init__(self) -> None:
         if self.num_queries is None:
             self.num_queries = self.num_kv_pairs
-        _check_ints(self, "num_kv_pairs", "vocab_size", "seq_len", "num_queries", "seed")
+        check_types(self, ints=("num_kv_pairs", "vocab_size", "seq_len", "num_queries", "seed"))
         if self.num_kv_pairs < 1 or self.num_queries < 1:
             raise ConfigError(f"mqar: num_kv_pairs and num_queries must be >= 1, got {self.num_kv_pairs} "
                               f"and {self.num_queries}")
@@ -183,11 +83,11 @@ class MQAR(SyntheticTask):
     def generate(self, gen: torch.Generator, batch_size: int) -> Batch:
         c = self.config
         n, q, B = c.num_kv_pairs, c.num_queries, batch_size
-        keys = self.key_ids.start + _distinct(gen, B, len(self.key_ids), n)  # (B, n)
-        values = self.value_ids.start + _distinct(gen, B, len(self.value_ids), n)  # (B, n)
+        keys = self.key_ids.start + distinct(gen, B, len(self.key_ids), n)  # (B, n)
+        values = self.value_ids.start + distinct(gen, B, len(self.value_ids), n)  # (B, n)
         reps = -(-q // n)
         which = torch.rand(B, reps, n, generator=gen).argsort(dim=-1).reshape(B, reps * n)[:, :q]  # (B, q)
-        slots = _distinct(gen, B, (c.seq_len - 2 * n) // 2, q)  # (B, q)
+        slots = distinct(gen, B, (c.seq_len - 2 * n) // 2, q)  # (B, q)
         pos = 2 * n + 2 * slots  # (B, q) positions of the query keys
         query_values = values.gather(1, which)
         input_ids = torch.full((B, c.seq_len), self.filler_id, dtype=torch.int64)
@@ -210,7 +110,7 @@ class SelectiveCopyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_ints(self, "num_tokens", "vocab_size", "seq_len", "seed")
+        check_types(self, ints=("num_tokens", "vocab_size", "seq_len", "seed"))
         if self.num_tokens < 1:
             raise ConfigError(f"selective_copy: num_tokens must be >= 1, got {self.num_tokens}")
         if self.vocab_size < 3:
@@ -238,7 +138,7 @@ class SelectiveCopy(SyntheticTask):
         N, B = c.num_tokens, batch_size
         context = c.seq_len - N
         data = torch.randint(self.data_ids.start, self.data_ids.stop, (B, N), generator=gen)
-        pos = _distinct(gen, B, context, N).sort(dim=1).values  # (B, N)
+        pos = distinct(gen, B, context, N).sort(dim=1).values  # (B, N)
         input_ids = torch.full((B, c.seq_len), self.noise_id, dtype=torch.int64)
         input_ids.scatter_(1, pos, data)
         input_ids[:, context:] = self.separator_id
@@ -275,12 +175,12 @@ class LongCopyConfig:
             raise ConfigError(f"long_copy: distances must be a non-empty list of ints, got {list(self.distances)}")
         if min(self.distances) < 0 or len(set(self.distances)) != len(self.distances):
             raise ConfigError(f"long_copy: distances must be distinct and >= 0, got {list(self.distances)}")
-        _check_ints(self, "num_digits", "vocab_size", "seed")
+        check_types(self, ints=("num_digits", "vocab_size", "seed"))
         if self.num_digits < 1:
             raise ConfigError(f"long_copy: num_digits must be >= 1, got {self.num_digits}")
         if self.seq_len is None:
             self.seq_len = max(self.distances) + 2 * self.num_digits + 8
-        _check_ints(self, "seq_len")
+        check_types(self, ints=("seq_len",))
         need = max(self.distances) + 2 * self.num_digits
         if self.seq_len < need:
             raise ConfigError(f"long_copy: distance {max(self.distances)} with {self.num_digits} digits and their "
@@ -329,31 +229,3 @@ class LongCopy(SyntheticTask):
         for d in sorted(set(distance.tolist())):
             out[f"recall@{d}"] = whole[distance == d].float().mean()
         return out
-
-
-TASKS: dict[str, type[SyntheticTask]] = {cls.name: cls for cls in (MQAR, SelectiveCopy, LongCopy)}
-
-
-def make_task(name: str, **options: Any) -> SyntheticTask:
-    """Build a synthetic task by name.
-
-    Args:
-        name: a key of TASKS.
-        **options: fields of that task's config dataclass (e.g. num_kv_pairs=16, seed=1).
-
-    Returns:
-        The task.
-
-    Raises:
-        ConfigError: an unknown name or option (listing the valid ones), a value of the wrong type, or an
-            impossible combination (with the reason).
-    """
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
-    cls = TASKS[name]
-    valid = [f.name for f in dataclasses.fields(cls.config_cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for task {name!r}; valid options: "
-                          f"{', '.join(valid)}")
-    return cls(cls.config_cls(**options))
