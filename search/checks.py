@@ -13,6 +13,7 @@ from typing import Any
 
 from blocks import ConfigError
 from hybrids.layout import LayoutError
+from search.identity import StudyIdentity
 from search.objective import Objective, group_label
 from search.study_config import StudyConfig
 
@@ -51,7 +52,8 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
         if (path := local_path(url)) is not None:
             check_writable(path, what)
     check_writable(config.artifacts, "MLflow artifact folder")
-    objective = Objective(config, extra_train, parent_run_id=None)
+    # trial folders are not created here: a stand-in identity only fills the run.dir override
+    objective = Objective(config, StudyIdentity(config.name, 0, "check"), extra_train, parent_run_id=None)
     tasks: dict[str, Any] = {}
     metrics_of: dict[str, list[str]] = {}
     for point in points(config):

@@ -129,7 +129,7 @@ def study_text(metric="val/accuracy", layout="2M", train="model=mamba-tiny, trai
     (study_text(train="model=mamba-tiny, trainer.max_steps=4, schedule.warmup_steps=7"),
      "study s, trial model.layout=M: schedule.warmup_steps must be in [0, 3] (total_steps = 4), got 7"),
     (study_text(train="model=mamba-tiny, task.vocab_size=4096"),
-     "study s, trial model.layout=M: model.vocab_size = 256 is smaller than the task's vocabulary (4096); "
+     "study s, trial model.layout=M: model.vocab_size = 320 is smaller than the task's vocabulary (4096); "
      "set model.vocab_size=4096"),
 ])
 def test_a_bad_study_is_rejected_before_any_trial_trains(files, study, message, capsys):
