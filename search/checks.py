@@ -48,10 +48,13 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
     from hybrids.training.schedules import build_schedule
 
     check_writable(config.runs_dir, "trial folder")
-    for url, what in ((config.resolved_storage(), "study storage"), (config.tracking_uri, "MLflow store")):
+    stores = [(config.resolved_storage(), "study storage")]
+    stores += [(config.tracking_uri, "MLflow store")] if config.tracked else []
+    for url, what in stores:
         if (path := local_path(url)) is not None:
             check_writable(path, what)
-    check_writable(config.artifacts, "MLflow artifact folder")
+    if config.tracked:
+        check_writable(config.artifacts, "MLflow artifact folder")
     # trial folders are not created here: a stand-in identity only fills the run.dir override
     objective = Objective(config, StudyIdentity(config.name, 0, "check"), extra_train, parent_run_id=None)
     tasks: dict[str, Any] = {}

@@ -63,7 +63,8 @@ class Objective:
         # the study's uid in the folder: a same-named study elsewhere never finds (or overwrites) these checkpoints
         out += [f"run.dir={c.runs_dir}/{self.identity.key}", f"run.name=trial-{number:04d}",
                 "trainer.progress_bar=false",
-                f"tracking.uri={c.tracking_uri}", f"tracking.artifacts={c.artifacts}",
+                *([f"tracking.uri={c.tracking_uri}", f"tracking.artifacts={c.artifacts}"] if c.tracked
+                  else ["tracking.enabled=false"]),
                 f"tracking.experiment=study-{c.name}", override("tracking.run_name", f"trial {number}: "
                                                                  f"{group_label(params)}")]
         if self.parent_run_id:

@@ -7,6 +7,7 @@ storage; another machine joins by running the same command with the same storage
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -46,10 +47,13 @@ def _load(config: StudyConfig, identity: StudyIdentity, storage) -> optuna.Study
                              pruner=_pruner(config))
 
 
-def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Study) -> str:
-    """The study's MLflow parent run (created once, reused by every top-up)."""
+def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Study) -> str | None:
+    """The study's MLflow parent run in this tracking store (created once, reused by every top-up), or None
+    without tracking."""
+    if not config.tracked:
+        return None
     run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id:
+    if run_id and study.user_attrs.get("mlflow_parent_tracking_uri", config.tracking_uri) == config.tracking_uri:
         return run_id
     from mlflow import MlflowClient
 
@@ -66,6 +70,7 @@ def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Stud
                        "n_trials": config.n_trials, "space": ", ".join(config.space), "kind": config.kind}.items():
         client.log_param(run.info.run_id, key, value)
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    study.set_user_attr("mlflow_parent_tracking_uri", config.tracking_uri)
     return run.info.run_id
 
 
@@ -131,7 +136,9 @@ _NO_FAILED_TRIAL_LOG = _NoFailedTrialLog()
 def _quiet() -> None:
     """One line per trial instead of Lightning's and MLflow's banners for every run."""
     import lightning.pytorch  # noqa: F401  both set their loggers to INFO when imported: import them first
-    import mlflow  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # a sweep with tracking_uri=none runs without MLflow installed
+        import mlflow  # noqa: F401
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at" of a tracking server
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
@@ -254,7 +261,9 @@ def _final_status(exitcodes: list[int]) -> str:
     return "FAILED"
 
 
-def _parent_status(config: StudyConfig, run_id: str, status: str) -> None:
+def _parent_status(config: StudyConfig, run_id: str | None, status: str) -> None:
+    if run_id is None:
+        return
     from mlflow import MlflowClient
 
     MlflowClient(tracking_uri=config.tracking_uri).update_run(run_id, status=status)
@@ -266,6 +275,8 @@ def _close_parent(config: StudyConfig, study: optuna.Study, status: str) -> None
     Called on the way out of an interrupted or failed sweep too: a failure here is logged, never raised
     over the error that ended the sweep.
     """
+    if not config.tracked:
+        return
     from mlflow import MlflowClient
 
     try:

@@ -137,6 +137,11 @@ class StudyConfig:
     def group_by(self) -> list[str]:
         return [k for k in self.space if k != "trainer.seed"]
 
+    @property
+    def tracked(self) -> bool:
+        """False with tracking_uri=none: no MLflow runs (a GPU box with only torch and optuna can sweep)."""
+        return self.tracking_uri.lower() != "none"
+
     def resolved_storage(self) -> str:
         if self.storage:
             return self.storage

@@ -45,7 +45,7 @@ def test_broken_last_ckpt_falls_back_to_the_newest_intact_one(tmp_path, trained,
         last.write_bytes(damage)
     broken = last.read_bytes()
     os.utime(trained / "best.ckpt", (1, 1))  # older than step000006.ckpt: the step file is the newest intact one
-    assert main(train_args(tmp_path, "trainer.max_steps=9", "trainer.ckpt_every=3")) == 0
+    assert main(train_args(tmp_path, "trainer.max_steps=9", "trainer.ckpt_every=3", "trainer.val_every=3")) == 0
     err = capsys.readouterr().err
     reason = "empty file" if damage == b"" else "not a readable checkpoint: File is not a zip file"
     assert (f"hybrids: checkpoint {last} is broken ({reason}); kept as last.ckpt.broken, resuming from "
@@ -58,9 +58,10 @@ def test_no_intact_checkpoint_names_every_broken_file(tmp_path, trained, capsys)
     for p in trained.iterdir():
         p.write_bytes(b"")
     os.utime(trained / "best.ckpt", (1, 1))
-    assert main(train_args(tmp_path, "trainer.max_steps=9", "trainer.ckpt_every=3")) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (f"hybrids: error: cannot resume: no intact checkpoint in {trained}: {trained}/last.ckpt (empty "
+    assert main(train_args(tmp_path, "trainer.max_steps=9", "trainer.ckpt_every=3", "trainer.val_every=3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"hybrids: continuing {trained.parent} with trainer.max_steps 6 -> 9"
+    assert err[1] == (f"hybrids: error: cannot resume: no intact checkpoint in {trained}: {trained}/last.ckpt (empty "
                    f"file); {trained}/step000006.ckpt (empty file); {trained}/best.ckpt (empty file); move them "
                    "away to start the run afresh")
     assert sorted(p.name for p in trained.iterdir()) == ["best.ckpt", "last.ckpt", "step000006.ckpt"]

@@ -103,3 +103,12 @@ def test_a_named_run_folder_is_never_resumed_under_other_settings(tmp_path, caps
     assert f"{tmp_path}/mine holds a run with other settings (model.d_model " in err and "-> 48)" in err
     assert digest(tmp_path / "mine") == kept
     assert main(base) == 0  # the same settings resume (here: already finished) as before
+
+
+def test_a_study_without_tracking_writes_no_mlflow_store(tmp_path):
+    assert sweep(tmp_path, "t.db", "tracking_uri=none") == 0
+    (trial,) = trials(tmp_path, "t.db")
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["mlflow_run_id"] is None
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
+    assert "mlflow_parent_run_id" not in optuna.load_study(study_name="attention-spacing",
+                                                           storage=f"sqlite:///{tmp_path}/t.db").user_attrs

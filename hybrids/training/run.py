@@ -10,6 +10,7 @@ A broken last.ckpt is set aside and the run resumes from the newest intact check
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,7 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
 
 def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
     """A run folder belongs to one config: never resume (or overwrite) another config's checkpoints in it.
+    Only `trainer.max_steps` may change, to continue a run for longer (said in one line).
 
     Raises:
         ConfigError: when the folder holds checkpoints of a run with other settings.
@@ -147,9 +149,12 @@ def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
         return
     old = flatten(scored(OmegaConf.to_container(OmegaConf.load(stored))))  # OmegaConf reads its own YAML back
     new = flatten(scored(to_dict(config)))
-    if old != new:
+    steps = "trainer.max_steps"
+    if {k: v for k, v in old.items() if k != steps} != {k: v for k, v in new.items() if k != steps}:
         raise ConfigError(f"{run_dir} holds a run with other settings ({differences(old, new)}); "
                           f"choose another run.name (or leave it unset: the name then follows the config)")
+    if old.get(steps) != new[steps]:
+        print(f"hybrids: continuing {run_dir} with {steps} {old.get(steps)} -> {new[steps]}", file=sys.stderr)
 
 
 def _log_run_inputs(mlflow, config: TrainConfig, module: LitHybrid, run_dir: Path) -> None:
