@@ -67,7 +67,7 @@ def test_unknown_study_and_sqlite_with_workers_fail_in_one_line(tmp_path, capsys
     assert "several workers need a journal file or an RDB storage" in capsys.readouterr().err
 
 
-SLOW = ["n_trials=2", "seeds=[0]", "train.trainer.max_steps=150", "train.trainer.val_every=75",
+SLOW = ["n_trials=2", "seeds=[0]", "lr_grid=[0.003]", "train.trainer.max_steps=150", "train.trainer.val_every=75",
         "train.trainer.ckpt_every=5", "train.trainer.val_batches=1", "train.schedule.warmup_steps=1",
         "train.trainer.batch_size=8"]
 
@@ -115,7 +115,7 @@ def test_sigterm_records_the_trial_as_failed_never_running(tmp_path):
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out[-2000:]
     assert "recorded as failed" in out
-    assert "trial   0 start    model.layout=M  seed 0\n" in out
+    assert "trial   0 start    model.layout=M, optim.lr=0.003  seed 0\n" in out
     for banner in ("GPU available", "TPU available", "LOCAL_RANK", "You are using a CUDA device", "View run",
                    "litlogger", "database tables", "alembic", "`Trainer.fit` stopped"):
         assert banner not in out, out
