@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: the attention-spacing study at tiny scale (8 trials), then its report.
+# The main job: the attention-spacing study at tiny scale (4 matched arms x 2 learning rates x 2 seeds), then its report.
 demo: setup
 	$(VENV)/bin/hybrids sweep study=attention-spacing
 	$(VENV)/bin/hybrids report study=attention-spacing

@@ -47,6 +47,11 @@ class StudyMeta:
     tracking_uri: str | None = None
     uid: str | None = None  # the study's own id (search.identity): keys its report folder
     versions: list[str] = field(default_factory=list)  # other versions of the study in the same storage
+    arm_by: list[str] = field(default_factory=list)  # the params that define an arm (search.protocol)
+    lr_grid: list[float] | None = None
+    wd_grid: list[float] | None = None
+    match_by: str | None = None  # params | flops | state; None: the arms are not budget-matched
+    match_budget: int | None = None  # the reference configuration's budget
 
     def as_attrs(self) -> dict:
         return asdict(self)
@@ -99,7 +104,9 @@ def load_study(storage, study_name: str) -> tuple[optuna.Study, StudyMeta]:
         question=attrs.get("question") or "", group_by=list(attrs.get("group_by") or []), x=attrs.get("x") or None,
         kind=kind if kind in KINDS else "generic", mlflow_parent_run_id=attrs.get("mlflow_parent_run_id"),
         tracking_uri=attrs.get("tracking_uri"), uid=attrs.get("uid"),
-        versions=[n for _, n in versions(opened, base_name(study_name)) if n != study_name])
+        versions=[n for _, n in versions(opened, base_name(study_name)) if n != study_name],
+        arm_by=list(attrs.get("arm_by") or []), lr_grid=attrs.get("lr_grid"), wd_grid=attrs.get("wd_grid"),
+        match_by=attrs.get("match_by"), match_budget=attrs.get("match_budget"))
     return study, meta
 
 

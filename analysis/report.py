@@ -3,6 +3,7 @@
     runs/reports/<study>/
         summary.md     question, metric, trial counts, best configuration, the table, the figures
         summary.csv    one row per configuration (seeds pooled), best first
+        arms.csv       one row per arm (its best learning rate), best first; see analysis.arms
         trials.csv     one row per trial
         *.png          the figures the data supports (see `FIGURES`)
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from analysis import figures
+from analysis import arms, figures
 from analysis.curves import trial_curves
 from analysis.frames import NOT_TABULATED, ReportError, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
@@ -30,16 +31,17 @@ log = logging.getLogger("hybrids")
 # name -> (file, title); which of them a study gets, and in what order, depends on its kind (see `_plan`).
 FIGURES = {
     "spacing": ("spacing.png", "Objective vs attention invocations"),
+    "lr": ("lr.png", "Objective vs learning rate per arm"),
     "ablation": ("ablation.png", "Objective per configuration"),
     "curves": ("curves.png", "Loss and learning-rate curves"),
     "importance": ("importance.png", "Parameter importance"),
     "pareto": ("pareto.png", "Quality vs KV cache and parameters (Pareto front)"),
 }
 PLANS = {
-    "spacing": ("spacing", "pareto", "curves", "importance"),
-    "ablation": ("ablation", "pareto", "curves", "importance"),
-    "schedule": ("curves", "ablation", "importance"),
-    "generic": ("ablation", "pareto", "curves", "importance"),
+    "spacing": ("spacing", "lr", "pareto", "curves", "importance"),
+    "ablation": ("ablation", "lr", "pareto", "curves", "importance"),
+    "schedule": ("curves", "ablation", "lr", "importance"),
+    "generic": ("ablation", "lr", "pareto", "curves", "importance"),
 }
 
 
@@ -58,6 +60,8 @@ class ReportResult:
         best: the best configuration's summary row as a dict, or None without a complete trial.
         mlflow_run_id: the parent run the files were logged to, or None.
         notes: anything the reader should know (e.g. why nothing was logged to MLflow).
+        arms: one row per arm at its best learning rate (as in arms.csv; see analysis.arms), or None.
+        statements: the report's sentences on the comparison (budget matching, grid edges, differences).
     """
 
     out_dir: Path
@@ -70,6 +74,8 @@ class ReportResult:
     best: dict | None
     mlflow_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
+    arms: pd.DataFrame | None = None
+    statements: list[str] = field(default_factory=list)
 
 
 def _counts(df: pd.DataFrame) -> dict[str, int]:
@@ -94,8 +100,10 @@ def _best_text(best: dict | None, meta: StudyMeta) -> str:
     return f"{best['group']}: {meta.metric} {fmt_number(best['mean'])}{spread} over {seeds}{trial}"
 
 
-def _plan(meta: StudyMeta, study: optuna.Study, df: pd.DataFrame, summary: pd.DataFrame) -> dict[str, Callable]:
+def _plan(meta: StudyMeta, study: optuna.Study, df: pd.DataFrame, summary: pd.DataFrame,
+          points: pd.DataFrame, arms_df: pd.DataFrame) -> dict[str, Callable]:
     draw = {
+        "lr": lambda path: arms.lr_figure(points, arms_df, meta, path),
         "spacing": lambda path: figures.spacing(df, summary, meta, path),
         "ablation": lambda path: figures.ablation(df, summary, meta, path),
         "curves": lambda path: figures.curves(df, summary, meta, trial_curves(df), path),
@@ -129,13 +137,13 @@ def _failures(df: pd.DataFrame) -> list[str]:
 
 
 def _markdown(meta: StudyMeta, counts: dict, best: dict | None, table: str, drawn: dict, skipped: dict,
-              failures: list[str]) -> str:
+              failures: list[str], arms_md: list[str]) -> str:
     lines = [f"# Study report: {meta.name}", ""]
     if meta.question:
         lines += [f"**Question:** {meta.question}", ""]
     lines += [f"**Metric:** `{meta.metric}` ({meta.direction}) · kind: {meta.kind} · storage: `{meta.storage}`", "",
               f"**Trials:** {_counts_text(counts)} ({sum(counts.values())} total)", "",
-              f"**Best configuration:** {_best_text(best, meta)}", "",
+              f"**Best configuration:** {_best_text(best, meta)}", "", *arms_md,
               "## Configurations", "",
               "One row per configuration, best mean first; mean ± std (sample std) over the seeds' complete trials.",
               "", table, ""]
@@ -236,9 +244,20 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     scored = summary[summary["n"] > 0] if len(summary) else summary
     best = scored.iloc[0].to_dict() if len(scored) else None
     headers, rows, numeric = table_cells(summary, meta.metric)
-    drawn, skipped = _draw(_plan(meta, study, df, summary), out_dir)
+    points = arms.arm_points(df)
+    arms_df = arms.arms_frame(df, meta)
+    said = arms.statements(arms_df, meta) if len(arms_df) else []
+    arms_table = arms.arms_cells(arms_df, meta) if len(arms_df) else None
+    if arms_table is not None:
+        tables.append(out_dir / "arms.csv")
+        arms_df.to_csv(tables[-1], index=False)
+    drawn, skipped = _draw(_plan(meta, study, df, summary, points, arms_df), out_dir)
+    arms_md = [] if arms_table is None else [
+        "## Arms", "", "Each arm at its best learning rate: the mean over seeds there, and the range (min to max) "
+        "over those seeds, the spread used to call two arms different (see analysis/arms.py).", "",
+        markdown_table(*arms_table), "", *(f"- {line}" for line in said), ""]
     markdown = _markdown(meta, counts, best, markdown_table(headers, rows, numeric), drawn, skipped,
-                         _failures(df))
+                         _failures(df), arms_md)
     tables[2].write_text(markdown)
     files = [*tables, *drawn.values()]
 
@@ -250,6 +269,8 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     lines = [f"{meta.name}" + (f" - {meta.question}" if meta.question else ""),
              f"metric {meta.metric} ({meta.direction}); trials: {_counts_text(counts)}",
              f"best: {_best_text(best, meta)}", "", text_table(headers, rows, numeric), ""]
+    if arms_table is not None:
+        lines += ["arms (each at its best learning rate):", text_table(*arms_table), *said, ""]
     lines += [f"figures: {', '.join(p.name for p in drawn.values()) or 'none'}"]
     lines += [f"skipped {FIGURES[name][0]}: {why}" for name, why in skipped.items()]
     lines += [f"report: {out_dir}/" + (f"  (logged to MLflow run {run_id} under report/)" if run_id else "")]
@@ -260,4 +281,5 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     text = "\n".join(lines)
     if echo:
         print(text)
-    return ReportResult(out_dir, files, drawn, skipped, text, markdown, summary, best, run_id, notes)
+    return ReportResult(out_dir, files, drawn, skipped, text, markdown, summary, best, run_id, notes,
+                        arms_df if arms_table is not None else None, said)

@@ -101,10 +101,10 @@ def _md_cell(text: str, code: bool) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list[str]], numeric: list[bool]) -> str:
-    """A GitHub-flavoured Markdown table; text columns (configurations, layouts) as code, so that "A*" stays."""
+    """A GitHub-flavoured Markdown table; text columns (configurations, arms, layouts) as code, so that "A*" stays."""
     lines = ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
              "|" + "|".join("---:" if num else ":---" for num in numeric) + "|"]
-    code = [h in ("configuration", "layout") for h in headers]
+    code = [h in ("configuration", "layout", "arm") for h in headers]
     lines += ["| " + " | ".join(_md_cell(c, k) for c, k in zip(row, code, strict=True)) + " |" for row in rows]
     return "\n".join(lines)
 

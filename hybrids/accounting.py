@@ -198,6 +198,16 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _cache_bytes(model: HybridLM, batch: int, seq_len: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(KV-cache bytes, recurrent-state bytes): one cache per attention layer and per shared invocation."""
+    kv = state = 0
+    for module, _ in _invocations(model):
+        for block in _blocks(module):
+            nbytes = block.cache_bytes(batch, seq_len, dtype)
+            kv, state = kv + nbytes["kv"], state + nbytes["state"]
+    return kv, state
+
+
 def stats(source: str | ModelConfig | HybridLM, seq_len: int = 2048, batch: int = 1,
           dtype: str | torch.dtype = torch.bfloat16, **overrides) -> Stats:
     """Parameters, FLOPs per token and cache bytes of a model, without allocating its weights.
@@ -218,11 +228,7 @@ def stats(source: str | ModelConfig | HybridLM, seq_len: int = 2048, batch: int 
         raise ConfigError(f"seq_len and batch must be positive, got {seq_len} and {batch}")
     dtype = parse_dtype(dtype)
     model = meta_model(source, **overrides)
-    kv = state = 0
-    for module, _ in _invocations(model):
-        for block in _blocks(module):
-            nbytes = block.cache_bytes(batch, seq_len, dtype)
-            kv, state = kv + nbytes["kv"], state + nbytes["state"]
+    kv, state = _cache_bytes(model, batch, seq_len, dtype)
     unique = _numel(model.parameters())
     uses = Counter(entry[1] for entry in model.plan if entry[0] != "layer")
     repeated = sum((n - 1) * _numel(_shared_weights(model.shared[key])) for key, n in uses.items())
@@ -243,8 +249,8 @@ def stats(source: str | ModelConfig | HybridLM, seq_len: int = 2048, batch: int 
 
 def match_width(source: str | ModelConfig | HybridLM, target_params: int | None = None,
                 target_flops: int | None = None, seq_len: int = 2048, multiple_of: int = 8,
-                max_d_model: int = 1 << 16, **overrides) -> int:
-    """The d_model whose unique params (or forward FLOPs per token at seq_len) are closest to a target.
+                max_d_model: int = 1 << 16, target_cache_bytes: int | None = None, **overrides) -> int:
+    """The d_model whose unique params (forward FLOPs per token, or cache bytes) at seq_len are closest to a target.
 
     Candidates are the multiples of `multiple_of` up to `max_d_model`; a width that a block refuses
     (ConfigError: heads, headdim and other divisibility constraints) is skipped. The count is assumed
@@ -253,8 +259,9 @@ def match_width(source: str | ModelConfig | HybridLM, target_params: int | None 
 
     Args:
         source: a recipe, YAML path, layout, ModelConfig or HybridLM (its config); all other fields kept.
-        target_params / target_flops: exactly one of them.
-        seq_len: the sequence length of the FLOP count.
+        target_params / target_flops / target_cache_bytes: exactly one of them; cache bytes are KV cache plus
+            recurrent state for one sequence of seq_len tokens in bf16 (SSM states fp32), as `stats` counts them.
+        seq_len: the sequence length of the FLOP and cache count.
         multiple_of: d_model is a multiple of this.
         max_d_model: the widest candidate.
         overrides: as for `stats` (d_model excluded: it is what is searched).
@@ -263,8 +270,10 @@ def match_width(source: str | ModelConfig | HybridLM, target_params: int | None 
     Raises:
         ConfigError: both or neither target, a config that fails at every width, or a target beyond max_d_model.
     """
-    if (target_params is None) == (target_flops is None):
-        raise ConfigError("match_width needs exactly one of target_params and target_flops")
+    targets = {"params": target_params, "flops": target_flops, "cache_bytes": target_cache_bytes}
+    given = [name for name, t in targets.items() if t is not None]
+    if len(given) != 1:
+        raise ConfigError("match_width needs exactly one of target_params, target_flops and target_cache_bytes")
     if "d_model" in overrides:
         raise ConfigError("match_width searches d_model: leave it out of the overrides")
     if multiple_of <= 0:
@@ -272,7 +281,7 @@ def match_width(source: str | ModelConfig | HybridLM, target_params: int | None 
     source = source.config if isinstance(source, HybridLM) else source
     _check_recipe(source)
     config = load_config(source, **overrides)
-    target = target_params if target_params is not None else target_flops
+    by, target = given[0], targets[given[0]]
     values: dict[int, int | None] = {}
     errors: list[str] = []
 
@@ -284,8 +293,7 @@ def match_width(source: str | ModelConfig | HybridLM, target_params: int | None 
                 errors.append(str(err))
                 values[k] = None
             else:
-                values[k] = _numel(model.parameters()) if target_params is not None \
-                    else sum(flops_breakdown(model, seq_len).values())
+                values[k] = _budget(model, by, seq_len)
         return values[k]
 
     def valid_from(k: int, stop: int, step: int = 1) -> int | None:  # first buildable index from k towards stop
@@ -319,3 +327,12 @@ def match_width(source: str | ModelConfig | HybridLM, target_params: int | None 
         lo, hi = (k, hi) if value(k) < target else (lo, k)
     best = lo if target - value(lo) <= value(hi) - target else hi
     return best * multiple_of
+
+
+def _budget(model: HybridLM, by: str, seq_len: int) -> int:
+    """The quantity `match_width` matches: unique params, forward FLOPs per token or cache bytes at seq_len."""
+    if by == "params":
+        return _numel(model.parameters())
+    if by == "flops":
+        return sum(flops_breakdown(model, seq_len).values())
+    return sum(_cache_bytes(model, 1, seq_len, torch.bfloat16))

@@ -1,10 +1,11 @@
 """Which stored study a sweep command means: a study is identified by itself, never by its name alone.
 
 A study records, when it is created, the settings that decide its results (the resolved training config of
-every trial's base, the search space, variants, width matching, metric, sampler, pruner, seeds) as a
-fingerprint, and a random uid. The uid keys everything the study writes outside its storage: trial folders
-(runs/sweeps/<study>-<uid>/trial-NNNN), MLflow runs and reports. So a study of the same name in another
-storage, or after its storage was deleted, never restores, overwrites or reports another study's results.
+every trial's base, the search space, variants, width matching, learning-rate and weight-decay grids, metric,
+sampler, pruner, seeds) as a fingerprint, and a random uid. The uid keys everything the study writes outside its
+storage: trial folders (runs/sweeps/<study>-<uid>/trial-NNNN), MLflow runs and reports. So a study of the same
+name in another storage, or after its storage was deleted, never restores, overwrites or reports another study's
+results.
 
 Running a study again with settings that differ from the stored study's (a changed `train.` override, say)
 does not reuse it: the command goes to the version of the study whose fingerprint matches, or creates the
@@ -60,6 +61,7 @@ def settings(config: StudyConfig, extra_train: list[str]) -> dict[str, Any]:
     base = scored(to_dict(compose([*config.train, *extra_train])))
     study = {"metric": config.metric, "direction": config.direction, "sampler": config.sampler,
              "pruner": config.pruner, "seeds": list(config.seeds), "match": config.match,
+             "lr_grid": config.lr_grid, "wd_grid": config.wd_grid,
              "space": {k: asdict(p) for k, p in config.space.items()}, "variants": config.variants}
     return {k: _plain(v) for k, v in flatten({"train": base, **study}).items()}
 

@@ -16,6 +16,7 @@ import optuna
 from blocks import ConfigError
 from hybrids.layout import parse_layout
 from search.identity import StudyIdentity
+from search.protocol import NOT_ARM, SEED, budget, match_keywords
 from search.storage import Heartbeat, origin
 from search.study_config import Param, StudyConfig
 
@@ -44,8 +45,13 @@ def override(key: str, value: Any) -> str:
 
 
 def group_label(params: dict[str, Any]) -> str:
-    """The configuration without its seed, e.g. "model.layout=2M:A*"."""
-    return ", ".join(f"{k}={v}" for k, v in params.items() if k != "trainer.seed") or "default"
+    """The configuration without its seed, e.g. "model.layout=2M:A*, optim.lr=0.003"."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k != SEED) or "default"
+
+
+def arm_label(params: dict[str, Any]) -> str:
+    """The arm: the configuration without seed, learning rate and weight decay, e.g. "model.layout=2M:A*"."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k not in NOT_ARM) or "default"
 
 
 class Objective:
@@ -74,30 +80,28 @@ class Objective:
         return out
 
     @functools.cached_property
-    def _match_target(self) -> tuple[dict[str, int], int]:
-        """The reference's budget as match_width keywords, and the sequence length of the FLOP count."""
+    def match_target(self) -> tuple[int, int]:
+        """The reference's budget (what `match.by` names) and the sequence length it is counted at."""
         from hybrids.accounting import stats
         from hybrids.training.config import compose
 
-        by = self.config.match.get("by", "params")
-        if by not in ("params", "flops"):
-            raise ConfigError(f"match.by must be params or flops, got {by!r}")
-        reference = compose([*self.config.train, *self.extra_train, *self.config.match.get("reference", [])])
+        match = self.config.matching
+        reference = compose([*self.config.train, *self.extra_train, *match.reference])
         seq_len = int(reference.task.get("seq_len", 256))
-        ref = stats(reference.model, seq_len=seq_len)
-        target = {"target_params": ref.params_unique} if by == "params" else {"target_flops": ref.flops_forward}
-        return target, seq_len
+        return budget(stats(reference.model, seq_len=seq_len), match.by), seq_len
 
     def _matched_width(self, overrides: list[str]) -> int:
-        """d_model giving this trial's model the reference's parameter (or FLOP) budget."""
+        """d_model giving this trial's model the reference's budget."""
         from hybrids.accounting import match_width
         from hybrids.training.config import compose
 
-        target, seq_len = self._match_target
+        match = self.config.matching
+        target, seq_len = self.match_target
         model = compose(overrides).model
         key = json.dumps({**model.to_dict(), "d_model": None}, sort_keys=True, default=str)
         if key not in self._width_cache:
-            self._width_cache[key] = match_width(model, seq_len=seq_len, **target)
+            self._width_cache[key] = match_width(model, seq_len=seq_len, multiple_of=match.multiple_of,
+                                                 **match_keywords(match.by, target))
         return self._width_cache[key]
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -122,7 +126,8 @@ class Objective:
         attrs = {"config_yaml": to_yaml(config), "layout": str(layout), "n_layers": s.n_layers,
                  "n_invocations": s.n_invocations, "n_attention": n_attention, "params_unique": s.params_unique,
                  "flops_per_token": s.flops_forward, "kv_bytes": s.kv_cache_bytes, "state_bytes": s.state_bytes,
-                 "seed": config.trainer.seed, "group": group_label(params), "d_model": config.model.d_model}
+                 "seed": config.trainer.seed, "group": group_label(params), "arm": arm_label(params),
+                 "d_model": config.model.d_model}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         retry = f"  retry of trial {number}" if number != trial.number else ""

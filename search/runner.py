@@ -24,6 +24,7 @@ from hybrids.training.progress import format_duration
 from search.checks import check_study
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
+from search.protocol import ArmMedianPruner
 from search.storage import counts, open_storage, recover, still_running
 from search.study_config import StudyConfig, load_study
 
@@ -37,9 +38,23 @@ def _sampler(config: StudyConfig):
 
 
 def _pruner(config: StudyConfig):
+    """None, or the median rule: within an arm when arms train over a learning-rate (or weight-decay) grid, so
+    that a weak arm is measured, not pruned, and only an arm's clearly worse learning rates are cut short."""
     if config.pruner == "none":
         return optuna.pruners.NopPruner()
+    if config.lr_grid or config.wd_grid:
+        return ArmMedianPruner(config.arm_by(), config.direction == "maximize", n_startup_trials=2)
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def _protocol_attrs(config: StudyConfig, identity: StudyIdentity, extra_train: list[str]) -> dict:
+    """What the report needs to judge the comparison: arms, grids and the reference's budget."""
+    attrs = {"arm_by": config.arm_by(), "lr_grid": config.lr_grid, "wd_grid": config.wd_grid,
+             "match_by": None, "match_budget": None}
+    if config.matching is not None:
+        target, _ = Objective(config, identity, extra_train, None).match_target
+        attrs.update(match_by=config.matching.by, match_budget=target)
+    return attrs
 
 
 def _load(config: StudyConfig, identity: StudyIdentity, storage) -> optuna.Study:
@@ -204,7 +219,8 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
     study = _load(config, identity, storage)
     for key, value in {"metric": config.metric, "direction": config.direction, "question": config.question,
                        "group_by": config.group_by(), "x": config.x, "kind": config.kind,
-                       "tracking_uri": config.tracking_uri, "n_trials": config.n_trials}.items():
+                       "tracking_uri": config.tracking_uri, "n_trials": config.n_trials,
+                       **_protocol_attrs(config, identity, extra_train)}.items():
         study.set_user_attr(key, value)
     parent = _parent_run(config, identity, study)
     _parent_status(config, parent, "RUNNING")  # a top-up re-opens the run a finished or killed sweep closed

@@ -17,6 +17,7 @@ import yaml
 
 from blocks import ConfigError
 from hybrids.config import read_yaml
+from search.protocol import LR, NOT_ARM, WD, Match, check_grid, parse_match
 
 STUDIES = Path(__file__).resolve().parents[1] / "recipes" / "study"
 KINDS = ("spacing", "ablation", "schedule", "generic")
@@ -57,7 +58,10 @@ class StudyConfig:
     train: list[str] = field(default_factory=list)  # Hydra overrides of recipes/train.yaml for every trial
     space: dict[str, Param] = field(default_factory=dict)
     variants: dict[str, list[str]] = field(default_factory=dict)  # "variant" choices -> override lists
-    match: dict[str, Any] | None = None  # {"by": "params" | "flops", "reference": [overrides]}
+    # {"by": "params" | "flops" | "state", "reference": [overrides], "multiple_of": 8}; None or "none": not matched
+    match: dict[str, Any] | None = None
+    lr_grid: list[float] | None = None  # every arm trains at each learning rate; the report keeps its best
+    wd_grid: list[float] | None = None  # and at each weight decay (optional)
     x: str | None = None  # x axis of the main figure (a trial attr such as n_attention)
     storage: str | None = None  # None: sqlite:///runs/optuna.db (1 worker) or a journal file (several)
     workers: int = 1
@@ -96,6 +100,16 @@ class StudyConfig:
             missing = set(self.space["variant"].choices) - set(self.variants)
             if missing:
                 raise ConfigError(f"variant choice(s) {', '.join(sorted(missing))} have no entry under 'variants'")
+        self.match = self.match if parse_match(self.match) is not None else None
+        self.lr_grid = check_grid("lr_grid", self.lr_grid, positive=True)
+        self.wd_grid = check_grid("wd_grid", self.wd_grid, positive=False)
+        for key, grid in ((LR, self.lr_grid), (WD, self.wd_grid)):
+            if grid is None:
+                continue
+            if key in self.space and self.space[key].choices != grid:
+                raise ConfigError(f"{key} is both a search dimension and set by {'lr_grid' if key == LR else 'wd_grid'}"
+                                  "; keep one of them")
+            self.space[key] = Param(choices=list(grid))
         if len(self.seeds) > 1:
             self.space.setdefault("trainer.seed", Param(choices=list(self.seeds)))
         if not self.space:
@@ -141,6 +155,15 @@ class StudyConfig:
     def tracked(self) -> bool:
         """False with tracking_uri=none: no MLflow runs (a GPU box with only torch and optuna can sweep)."""
         return self.tracking_uri.lower() != "none"
+
+    def arm_by(self) -> list[str]:
+        """The dimensions that define an arm: the space without seed, learning rate and weight decay."""
+        return [k for k in self.space if k not in NOT_ARM]
+
+    @property
+    def matching(self) -> Match | None:
+        """The study's width matching, parsed; None when its arms are not budget-matched."""
+        return parse_match(self.match)
 
     def resolved_storage(self) -> str:
         if self.storage:

@@ -142,8 +142,9 @@ def test_report_writes_tables_figures_and_logs_to_mlflow(spacing_study, tmp_path
     storage, parent, client = spacing_study
     result = write_report(storage, "attention-spacing", out_dir=tmp_path / "report")
     names = {p.name for p in result.files}
-    assert names == {"summary.csv", "trials.csv", "summary.md", "spacing.png", "pareto.png", "curves.png",
-                     "importance.png"}, result.skipped
+    assert names == {"summary.csv", "trials.csv", "summary.md", "arms.csv", "spacing.png", "pareto.png",
+                     "curves.png", "importance.png"}, result.skipped
+    assert result.skipped == {"lr": "needs complete trials at 2 or more learning rates (set lr_grid)"}
     for name in ("spacing.png", "pareto.png", "curves.png", "importance.png"):
         assert (tmp_path / "report" / name).stat().st_size > 5000
 
@@ -184,7 +185,7 @@ def test_kind_chooses_the_figures(tmp_path, kind, main):
         for seed, accuracy in enumerate(LAYOUTS[layout][3]):
             add(study, layout, seed, value=accuracy, user_attrs=attrs(tmp_path, layout, seed, accuracy))
     result = write_report(storage, "s", out_dir=tmp_path / "report", echo=False)
-    assert result.files[3].name == main and (tmp_path / "report" / main).stat().st_size > 5000
+    assert result.files[4].name == main and (tmp_path / "report" / main).stat().st_size > 5000
     assert "spacing" not in result.figures
     assert result.notes == ["not logged to MLflow: the study records no mlflow_parent_run_id / tracking_uri"]
 
@@ -197,7 +198,7 @@ def test_one_trial_study_reports_without_crashing(tmp_path):
     result = write_report(str(journal), "tiny", out_dir=tmp_path / "report", echo=False)
     assert result.best["mean"] == 0.5 and pd.isna(result.best["std"])
     assert set(result.figures) == {"curves"}
-    assert set(result.skipped) == {"spacing", "pareto", "importance"}
+    assert set(result.skipped) == {"spacing", "lr", "pareto", "importance"}
     md = (tmp_path / "report" / "summary.md").read_text()
     assert "**Trials:** 1 complete, 0 pruned, 0 failed (1 total)" in md and "## Figures not drawn" in md
     assert "| 1 | `layout=4M` | 0 | 1k | 0 B | 1 | 0.5 | 0.5 | 0.5 | 0.5 |" in md

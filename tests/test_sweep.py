@@ -28,8 +28,11 @@ def load(tmp_path, name="attention-spacing"):
 
 
 def test_two_trial_sweep_keeps_everything_and_tops_up(tmp_path, capsys):
-    assert main(["sweep", *args(tmp_path, "n_trials=2", "seeds=[0]", *FAST)]) == 0
+    one = ["n_trials=2", "seeds=[0]", "lr_grid=[0.003]"]  # one lr: the first two grid points are two layouts
+    assert main(["sweep", *args(tmp_path, *one, *FAST)]) == 0
     study = load(tmp_path)
+    assert study.user_attrs["arm_by"] == ["model.layout"] and study.user_attrs["lr_grid"] == [0.003]
+    assert study.user_attrs["match_by"] == "params" and study.user_attrs["match_budget"] == 199_936
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert [t.params["model.layout"] for t in trials] == ["M", "2M:A*"]
@@ -38,6 +41,8 @@ def test_two_trial_sweep_keeps_everything_and_tops_up(tmp_path, capsys):
         assert "layout: " in t.user_attrs["config_yaml"] and t.user_attrs["mlflow_run_id"]
     assert [t.user_attrs["layout"] for t in trials] == ["6M", "(2M:A*)x2:2M"]
     assert [t.user_attrs["n_attention"] for t in trials] == [0, 2]
+    assert [t.user_attrs["d_model"] for t in trials] == [90, 64]  # M widened to the hybrid's parameter count
+    assert [t.params["optim.lr"] for t in trials] == [0.003, 0.003]
 
     from mlflow import MlflowClient
 
@@ -48,9 +53,9 @@ def test_two_trial_sweep_keeps_everything_and_tops_up(tmp_path, capsys):
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
 
     # the same command again adds nothing; a larger target tops up by the difference
-    assert main(["sweep", *args(tmp_path, "n_trials=2", "seeds=[0]", *FAST)]) == 0
+    assert main(["sweep", *args(tmp_path, *one, *FAST)]) == 0
     assert len(load(tmp_path).get_trials()) == 2
-    assert main(["sweep", *args(tmp_path, "n_trials=3", "seeds=[0]", *FAST)]) == 0
+    assert main(["sweep", *args(tmp_path, "n_trials=3", "seeds=[0]", "lr_grid=[0.003]", *FAST)]) == 0
     assert counts(load(tmp_path))["complete"] == 3 and len(load(tmp_path).get_trials()) == 3
     assert "3/3 done" in capsys.readouterr().out
 
@@ -62,7 +67,7 @@ def test_unknown_study_and_sqlite_with_workers_fail_in_one_line(tmp_path, capsys
     assert "several workers need a journal file or an RDB storage" in capsys.readouterr().err
 
 
-SLOW = ["n_trials=2", "seeds=[0]", "train.trainer.max_steps=150", "train.trainer.val_every=75",
+SLOW = ["n_trials=2", "seeds=[0]", "lr_grid=[0.003]", "train.trainer.max_steps=150", "train.trainer.val_every=75",
         "train.trainer.ckpt_every=5", "train.trainer.val_batches=1", "train.schedule.warmup_steps=1",
         "train.trainer.batch_size=8"]
 
@@ -110,7 +115,7 @@ def test_sigterm_records_the_trial_as_failed_never_running(tmp_path):
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out[-2000:]
     assert "recorded as failed" in out and "Traceback" not in out
-    assert "trial   0 start    model.layout=M  seed 0\n" in out
+    assert "trial   0 start    model.layout=M, optim.lr=0.003  seed 0\n" in out
     for banner in ("GPU available", "TPU available", "LOCAL_RANK", "You are using a CUDA device", "View run",
                    "litlogger", "database tables", "alembic", "`Trainer.fit` stopped"):
         assert banner not in out, out

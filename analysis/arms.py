@@ -1,0 +1,191 @@
+"""The arms of a comparison study: each arm's best learning rate, its value there, its budget, and what follows.
+
+An arm is a configuration of the study's space without seed, learning rate and weight decay (search.protocol).
+It trains at every point of the study's learning-rate (x weight-decay) grid and at every seed; its value is the
+mean over seeds at its best grid point, chosen by the study's direction.
+
+The spread is the range (min to max) over seeds at that point, not a standard deviation: studies run 2-3 seeds,
+too few for a sample std to mean much, and the range is what the seeds actually did. Two arms differ only when
+their ranges do not overlap; with one seed there is no spread, and the report says it cannot tell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.figures import FigureSkipped, _colors, _complete, _new, _save, _ylabel
+from analysis.frames import StudyMeta
+from analysis.tables import fmt_number, human_bytes, human_count, is_missing
+from search.protocol import LR, NOT_ARM, WD
+
+MATCH_TOLERANCE = 0.05  # arms within 5% of the reference's budget count as matched
+# match.by -> (the trials frame's column, its name in the table)
+BUDGETS = {"params": ("params_unique", "params"), "flops": ("flops_per_token", "FLOPs/token"),
+           "state": ("cache_bytes", "state+KV bytes")}
+
+
+def arm_by(df: pd.DataFrame) -> list[str]:
+    """The params that define an arm: the study's record, else its group_by params without lr and weight decay."""
+    recorded = [k for k in df.attrs.get("arm_by") or [] if k in df.columns]
+    if recorded:
+        return recorded
+    return [k for k in df.attrs.get("group_by") or df.attrs.get("params", []) if k in df.columns and k not in NOT_ARM]
+
+
+def _arm_labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    if "arm" in df.columns and df["arm"].notna().all():
+        return df["arm"].astype(str)
+    if not keys:
+        return pd.Series("default", index=df.index)
+    return df[keys].astype(str).agg(lambda values: ", ".join(f"{k}={v}" for k, v in zip(keys, values,
+                                                                                        strict=True)), axis=1)
+
+
+def arm_points(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm and grid point (lr, weight decay) with complete trials: mean, std, min, max and n over seeds.
+
+    Args:
+        df: a trials frame (analysis.frames.study_frame).
+    Returns:
+        Columns arm, lr, wd (NaN where the study does not vary it), mean, std, min, max, n; plus the arm's
+        accounting columns (layout, params_unique, flops_per_token, cache_bytes, d_model) from its trials.
+    """
+    done = _complete(df)
+    columns = ["arm", "lr", "wd", "mean", "std", "min", "max", "n"]
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    done = done.assign(arm=_arm_labels(done, arm_by(df)),
+                       lr=pd.to_numeric(done[LR], errors="coerce") if LR in done.columns else np.nan,
+                       wd=pd.to_numeric(done[WD], errors="coerce") if WD in done.columns else np.nan)
+    if {"kv_bytes", "state_bytes"} <= set(done.columns):
+        done["cache_bytes"] = pd.to_numeric(done["kv_bytes"]) + pd.to_numeric(done["state_bytes"])
+    rows = []
+    for (arm, lr, wd), part in done.groupby(["arm", "lr", "wd"], sort=False, dropna=False):
+        values = part["value"]
+        row = {"arm": arm, "lr": lr, "wd": wd, "mean": values.mean(), "std": values.std(), "min": values.min(),
+               "max": values.max(), "n": len(values)}
+        for column in ("layout", "d_model", "params_unique", "flops_per_token", "cache_bytes"):
+            if column in part.columns:
+                row[column] = part[column].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def arms_frame(df: pd.DataFrame, meta: StudyMeta) -> pd.DataFrame:
+    """One row per arm, best first: its budget and deviation from the reference's, its best lr (and wd), the mean
+    and range over seeds there, n seeds, and whether the best lr lies at the edge of the learning-rate grid.
+
+    Args:
+        df: a trials frame.
+        meta: the study's metadata (direction, lr_grid, match_by, match_budget).
+    Returns:
+        Columns arm, budget, deviation (budget / reference - 1; NaN when not matched), best_lr, best_wd, mean,
+        std, min, max, n, edge (bool), lrs (grid points the arm completed).
+    """
+    points = arm_points(df)
+    columns = ["arm", "budget", "deviation", "best_lr", "best_wd", "mean", "std", "min", "max", "n", "edge", "lrs"]
+    if points.empty:
+        return pd.DataFrame(columns=columns)
+    maximize = meta.direction == "maximize"
+    grid = sorted(meta.lr_grid or points["lr"].dropna().unique())
+    budget_column = BUDGETS[meta.match_by or "params"][0]
+    rows = []
+    for arm, part in points.groupby("arm", sort=False):
+        best = part.loc[part["mean"].idxmax() if maximize else part["mean"].idxmin()]
+        budget = best.get(budget_column)
+        deviation = (budget / meta.match_budget - 1) if meta.match_by and meta.match_budget and \
+            not is_missing(budget) else np.nan
+        edge = bool(grid) and not is_missing(best["lr"]) and best["lr"] in (grid[0], grid[-1])
+        rows.append({"arm": arm, "budget": budget, "deviation": deviation, "best_lr": best["lr"],
+                     "best_wd": best["wd"], **{k: best[k] for k in ("mean", "std", "min", "max", "n")},
+                     "edge": edge, "lrs": int(part["lr"].nunique())})
+    arms = pd.DataFrame(rows).sort_values("mean", ascending=not maximize, kind="stable")
+    return arms.reset_index(drop=True)
+
+
+def _range(row) -> str:
+    return f"[{fmt_number(row['min'], 3)}, {fmt_number(row['max'], 3)}]"
+
+
+def statements(arms: pd.DataFrame, meta: StudyMeta) -> list[str]:
+    """What a reader must know about the comparison, one sentence each: budget matching, grid edges, and for the
+    best arm against each other arm whether their ranges over seeds overlap ("no difference at this budget")."""
+    lines = []
+    if not meta.match_by:
+        lines.append("The arms are not budget-matched (the study sets no `match`): a difference may come from "
+                     "their size, not their architecture.")
+    else:
+        off = arms[arms["deviation"].abs() > MATCH_TOLERANCE]["arm"].tolist()
+        worst = arms["deviation"].abs().max()
+        if off:
+            tail = f"; off by more than {MATCH_TOLERANCE:.0%}: {', '.join(off)}"
+        else:
+            tail = "" if is_missing(worst) else f"; every arm within {worst:.1%}"
+        lines.append(f"Budgets matched by {meta.match_by} to the reference's "
+                     f"{_budget_text(meta.match_budget, meta)}{tail}.")
+    edge = arms[arms["edge"]]["arm"].tolist()
+    if edge:
+        lines.append(f"best lr at the grid's edge for arms {', '.join(edge)}: widen lr_grid")
+    if len(arms) < 2:
+        return lines
+    best = arms.iloc[0]
+    for _, other in arms.iloc[1:].iterrows():
+        if best["n"] < 2 or other["n"] < 2:
+            lines.append(f"{best['arm']} vs {other['arm']}: one seed, no spread; cannot tell a difference")
+        elif best["min"] <= other["max"] and other["min"] <= best["max"]:
+            lines.append(f"no difference at this budget: {best['arm']} {_range(best)} and {other['arm']} "
+                         f"{_range(other)} overlap over seeds")
+        else:
+            lines.append(f"{best['arm']} {_range(best)} beats {other['arm']} {_range(other)}: their ranges over "
+                         "seeds do not overlap")
+    return lines
+
+
+def _budget_text(value, meta: StudyMeta) -> str:
+    if is_missing(value):
+        return "-"
+    return human_bytes(value) if (meta.match_by or "params") == "state" else human_count(value)
+
+
+def arms_cells(arms: pd.DataFrame, meta: StudyMeta) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Headers, cells and numeric flags of the arms table (analysis.tables renders them)."""
+    name = BUDGETS[meta.match_by or "params"][1]
+    has_wd = arms["best_wd"].notna().any()
+    headers = ["arm", f"budget ({name})" if meta.match_by else name, "vs reference", "best lr",
+               *(["best wd"] if has_wd else []), f"{meta.metric} mean", "range over seeds", "seeds", "lr at edge"]
+    rows = []
+    for _, r in arms.iterrows():
+        rows.append([str(r["arm"]), _budget_text(r["budget"], meta),
+                     "-" if is_missing(r["deviation"]) else f"{r['deviation']:+.1%}", fmt_number(r["best_lr"], 3),
+                     *([fmt_number(r["best_wd"], 3)] if has_wd else []), fmt_number(r["mean"]), _range(r),
+                     str(r["n"]), "yes: widen lr_grid" if r["edge"] else "no"])
+    return headers, rows, [False, True, True, True, *([True] if has_wd else []), True, True, True, False]
+
+
+def lr_figure(points: pd.DataFrame, arms: pd.DataFrame, meta: StudyMeta, path: Path) -> Path:
+    """The objective against the learning rate (log x), one line per arm (at each lr its best weight decay),
+    error bars the range over seeds; each arm's best point ringed."""
+    points = points.dropna(subset=["lr"]) if len(points) else points
+    if points.empty or points["lr"].nunique() < 2:
+        raise FigureSkipped("needs complete trials at 2 or more learning rates (set lr_grid)")
+    maximize = meta.direction == "maximize"
+    fig, (ax,) = _new(7.5, 4.8)
+    for arm, color in zip(arms["arm"], _colors(len(arms)), strict=True):
+        part = points[points["arm"] == arm]
+        part = part.loc[part.groupby("lr")["mean"].idxmax() if maximize else part.groupby("lr")["mean"].idxmin()]
+        part = part.sort_values("lr")
+        yerr = np.vstack([part["mean"] - part["min"], part["max"] - part["mean"]])
+        ax.errorbar(part["lr"], part["mean"], yerr=yerr, fmt="-o", color=color, capsize=3, markersize=4,
+                    label=f"{arm} (n={int(part['n'].max())})")
+        best = arms[arms["arm"] == arm].iloc[0]
+        ax.scatter([best["best_lr"]], [best["mean"]], s=120, facecolors="none", edgecolors=color, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale); error bars: range over seeds; rings: each arm's best")
+    ax.set_ylabel(_ylabel(meta))
+    ax.set_title(f"{meta.name}: {meta.metric} vs learning rate per arm", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
