@@ -16,6 +16,9 @@ from optuna.trial import TrialState
 from hybrids import ui
 from hybrids.cli import main
 from hybrids.training import files
+from search.identity import resolve
+from search.storage import open_storage
+from search.study_config import load_study
 
 QUICK = ["model=mamba-tiny", "task.num_kv_pairs=4", "task.seq_len=32", "task.vocab_size=64", "trainer.batch_size=8",
          "trainer.progress_bar=false", "schedule.warmup_steps=1", "trainer.val_every=100", "trainer.val_batches=1",
@@ -138,12 +141,14 @@ def test_ctrl_c_during_trial_set_up_records_the_trial_as_failed(tmp_path, monkey
 
 def test_rerun_within_the_grace_period_says_which_trial_runs_and_when_it_is_retried(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/study.db"
-    study = optuna.create_study(study_name="attention-spacing", storage=storage, direction="maximize")
+    args = sweep_args(tmp_path, "n_trials=1", "grace_period=100", "heartbeat_interval=1")
+    config, extra = load_study(args[1:])
+    study, _, _ = resolve(open_storage(storage), config, extra)  # the very study the sweep below finds
     study.enqueue_trial({"model.layout": "M"})
     trial = study.ask()  # RUNNING, as if another worker were training it
     study._storage.set_trial_system_attr(trial._trial_id, "heartbeat", time.time() - 10)
     start = time.time()
-    assert main(sweep_args(tmp_path, "n_trials=1", "grace_period=100", "heartbeat_interval=1")) == 0
+    assert main(args) == 0
     took = time.time() - start
     out = capsys.readouterr().out.splitlines()
     line = next(x for x in out if x.startswith("trial 0 is still RUNNING"))
