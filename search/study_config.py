@@ -131,8 +131,8 @@ class StudyConfig:
         containers = {"seeds": list, "train": list, "space": dict, "variants": dict}
         for key, kind in [*expect.items(), *optional.items(), *containers.items()]:
             value = getattr(self, key)
-            if value is None and key in optional:
-                continue
+            if key in optional and (value is None or (key == "match" and value == "none")):
+                continue  # match: none opts out of budget matching (search.protocol.parse_match)
             if not _is_a(value, kind):
                 name = {int: "an integer", float: "a number", str: "a string", list: "a list",
                         dict: "a mapping"}[kind]
