@@ -210,7 +210,8 @@ def config_labels(df: pd.DataFrame, group_by: list[str]) -> pd.Series:
     "name=value, ..." from the group_by params (so that failed trials without attrs land in their group)."""
     if not group_by:
         return df["number"].map(lambda n: f"trial {n}")
-    keys = df[group_by].astype(str).agg("\x1f".join, axis=1)
+    # map(str), not astype(str): pandas 3 keeps a missing value (a WAITING trial has no params) as NaN under astype
+    keys = df[group_by].map(str).agg("\x1f".join, axis=1)
     labels = {}
     for key, part in df.groupby(keys, sort=False):
         named = part["group"].dropna().unique() if "group" in part.columns else []

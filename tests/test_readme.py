@@ -118,6 +118,8 @@ def check(args: list[str], out: str, cwd: Path) -> None:
     elif args[0].endswith("scan_speed.py"):
         ops = json.loads(out)["ops"]
         assert sorted(ops) == ["mamba1_selective_scan", "mamba2_ssd"] and ops["mamba2_ssd"]["shape"]["length"] == 128
+    elif args[0] == "data":
+        assert (cwd / "mqar.npz").is_file() and "[" in out, out
     elif args[0] == "report":
         assert list(cwd.glob("runs/reports/**/summary.md")), out
 

@@ -204,6 +204,15 @@ def test_one_trial_study_reports_without_crashing(tmp_path):
     assert "| 1 | `layout=4M` | 0 | 1k | 0 B | 1 | 0.5 | 0.5 | 0.5 | 0.5 |" in md
 
 
+def test_a_study_still_in_progress_reports_its_finished_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = make_study(storage, "running")
+    add(study, "4M", 0, value=0.5, user_attrs=attrs(tmp_path, "4M", 0, 0.5))
+    study.enqueue_trial({"layout": "4A"})  # WAITING: no params yet (a NaN in the frame under pandas 3)
+    result = write_report(storage, "running", out_dir=tmp_path / "report", echo=False)
+    assert result.best["mean"] == 0.5 and "1 running or waiting" in result.markdown
+
+
 def test_all_failed_study_reports_without_crashing(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = make_study(storage, "broken")
