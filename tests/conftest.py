@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -37,3 +38,13 @@ def _seed_and_poison(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _outside_the_checkout(tmp_path_factory):
+    """A test that leaves the default runs/ in place writes it under a session folder, never into the checkout
+    (a checkout's own runs/ is the user's: studies, reports)."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)
