@@ -48,3 +48,12 @@ def _outside_the_checkout(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(here)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine threads make a step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ NARROW = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are too small to gain from threads; on a busy 2-core machine threads cost 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def initial_losses(model) -> tuple[float, float]:

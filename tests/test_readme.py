@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import hybrids
 from hybrids.cli import main
@@ -69,13 +68,7 @@ CASES = [pytest.param(cmds, id=" | ".join(c[1] if is_hybrids(c[0]) else Path(c[-
          for cmds in BASH if any(not any(s in shlex.join(c) for s in SKIP) for c in cmds)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they make a step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_readme_has_the_blocks_this_test_runs():
