@@ -166,8 +166,11 @@ def test_rerun_within_the_grace_period_says_which_trial_runs_and_when_it_is_retr
 def test_ctrl_c_on_train_exits_130_and_says_how_to_resume(tmp_path):
     argv = train_args(tmp_path, "trainer.max_steps=100000", "trainer.ckpt_every=2")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt: give the
+    # child the default disposition of a command run in a terminal, whatever started the test
     proc = subprocess.Popen([sys.executable, "-m", "hybrids.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+                            stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "train" / "r" / "checkpoints" / "last.ckpt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
