@@ -237,13 +237,13 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
         else:
             exitcodes = _run_workers(config, identity, extra_train, parent)
     except (KeyboardInterrupt, TrialInterrupted):
-        _close_parent(config, study, "KILLED")
+        _close_parent(config, study, parent, "KILLED")
         raise
     except Exception:
-        _close_parent(config, study, "FAILED")
+        _close_parent(config, study, parent, "FAILED")
         raise
     final = counts(study)
-    _close_parent(config, study, _final_status(exitcodes))
+    _close_parent(config, study, parent, _final_status(exitcodes))
     return {"counts": final, "recovered": recovered, "queued": queued, "storage": url, "study": identity}
 
 
@@ -285,19 +285,19 @@ def _parent_status(config: StudyConfig, run_id: str | None, status: str) -> None
     MlflowClient(tracking_uri=config.tracking_uri).update_run(run_id, status=status)
 
 
-def _close_parent(config: StudyConfig, study: optuna.Study, status: str) -> None:
-    """Log the study's best value and progress to its parent run and close it as `status`.
+def _close_parent(config: StudyConfig, study: optuna.Study, run_id: str | None, status: str) -> None:
+    """Log the study's best value and progress to its parent run `run_id` (None without tracking: nothing to
+    close) and close it as `status`.
 
     Called on the way out of an interrupted or failed sweep too: a failure here is logged, never raised
     over the error that ended the sweep.
     """
-    if not config.tracked:
+    if run_id is None:
         return
     from mlflow import MlflowClient
 
     try:
         client = MlflowClient(tracking_uri=config.tracking_uri)
-        run_id = study.user_attrs["mlflow_parent_run_id"]
         complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
         if complete:
             client.log_metric(run_id, f"best/{config.metric}", study.best_value)
