@@ -7,44 +7,21 @@ storage; another machine joins by running the same command with the same storage
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import multiprocessing
 import os
-import signal
-import warnings
 from dataclasses import asdict
 
 import optuna
 from optuna.trial import TrialState
 
 from blocks import ConfigError
-from hybrids.training.progress import format_duration
 from search.checks import check_study
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
-from search.protocol import ArmMedianPruner
 from search.storage import counts, open_storage, recover, still_running
 from search.study_config import StudyConfig, load_study
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _sampler(config: StudyConfig):
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=0)
-    return optuna.samplers.RandomSampler(seed=0)  # grid points are queued up front; random fills nothing
-
-
-def _pruner(config: StudyConfig):
-    """None, or the median rule: within an arm when arms train over a learning-rate (or weight-decay) grid, so
-    that a weak arm is measured, not pruned, and only an arm's clearly worse learning rates are cut short."""
-    if config.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if config.lr_grid or config.wd_grid:
-        return ArmMedianPruner(config.arm_by(), config.direction == "maximize", n_startup_trials=2)
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+from search.worker import open_study, quiet, work, worker_main
 
 
 def _protocol_attrs(config: StudyConfig, identity: StudyIdentity, extra_train: list[str]) -> dict:
@@ -55,11 +32,6 @@ def _protocol_attrs(config: StudyConfig, identity: StudyIdentity, extra_train: l
         target, _ = Objective(config, identity, extra_train, None).match_target
         attrs.update(match_by=config.matching.by, match_budget=target)
     return attrs
-
-
-def _load(config: StudyConfig, identity: StudyIdentity, storage) -> optuna.Study:
-    return optuna.load_study(study_name=identity.name, storage=storage, sampler=_sampler(config),
-                             pruner=_pruner(config))
 
 
 def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Study) -> str | None:
@@ -89,101 +61,21 @@ def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Stud
     return run.info.run_id
 
 
-def _queue_grid(config: StudyConfig, study: optuna.Study) -> int:
-    """Queue the grid points that no trial covers yet (failed ones are re-queued by `recover`)."""
-    covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
-    added = 0
-    for point in config.grid()[: config.n_trials]:
-        if point not in covered:
-            study.enqueue_trial(point)
-            added += 1
-    return added
-
-
-class _StopAtTarget:
-    """After each trial: print one line for it (seed, wall time, the study's ETA), and stop the study once
-    its target is reached."""
-
-    def __init__(self, target: int, grid: bool, workers: int = 1):
-        self.target, self.grid, self.workers = target, grid, workers
-
-    def __call__(self, study: optuna.Study, trial) -> None:
-        value = f"{trial.value:.4f}" if trial.value is not None else "-"
-        reason = trial.user_attrs.get("fail_reason", "")
-        c = counts(study)
-        print(f"trial {trial.number:>3} {trial.state.name.lower():<8} {value:>8}  {trial.user_attrs.get('group', '')}"
-              f"  {trial.user_attrs.get('layout', '')}  seed {trial.user_attrs.get('seed', '-')}"
-              f"  {format_duration(_seconds(trial))}  {self.eta(study, c)} {reason}".rstrip(), flush=True)
-        if c["done"] >= self.target or (self.grid and c["waiting"] == 0):
-            study.stop()
-
-    def eta(self, study: optuna.Study, c: dict) -> str:
-        """Remaining trials x mean finished-trial time / local workers, in whole rounds of trials (the last
-        trial takes a trial's time however many workers are idle)."""
-        left = self.target - c["done"]
-        if self.grid:
-            left = min(left, c["waiting"] + c["running"])
-        times = [_seconds(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
-        if left <= 0 or not times:
-            return f"{max(left, 0)} left"
-        return f"{left} left, eta {format_duration(math.ceil(left / self.workers) * sum(times) / len(times))}"
-
-
-def _seconds(trial) -> float:
-    return trial.duration.total_seconds() if trial.duration is not None else float("nan")
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-class _NoFailedTrialLog(logging.Filter):
-    """Optuna logs a failed trial with its traceback, then re-raises the error (catch=()), which the CLI
-    prints in one line (Ctrl-C: "recorded as failed"): the log would only add a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return " failed with " not in record.getMessage()
-
-
-_NO_FAILED_TRIAL_LOG = _NoFailedTrialLog()
-
-
-def _quiet() -> None:
-    """One line per trial instead of Lightning's and MLflow's banners for every run."""
-    import lightning.pytorch  # noqa: F401  both set their loggers to INFO when imported: import them first
-
-    with contextlib.suppress(ImportError):  # a sweep with tracking_uri=none runs without MLflow installed
-        import mlflow  # noqa: F401
-
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at" of a tracking server
-    for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("optuna.study._optimize").addFilter(_NO_FAILED_TRIAL_LOG)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None) -> None:
-    """One worker: run trials until the study reaches its target (or, for a grid, its queue is empty)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    _quiet()
-    study = _load(config, identity, open_storage(config.resolved_storage()))
-    grid = config.sampler == "grid"
-    c = counts(study)
-    if c["done"] >= config.n_trials or (grid and c["waiting"] == 0):
-        return
-    study.optimize(Objective(config, identity, extra_train, parent_run_id),
-                   callbacks=[_StopAtTarget(config.n_trials, grid, config.workers)], catch=(), gc_after_trial=True)
-
-
-def _worker_main(config_dict: dict, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None,
-                 threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        work(StudyConfig(**config_dict), identity, extra_train, parent_run_id)
-    except TrialInterrupted:
-        os._exit(130)
+def _queue(config: StudyConfig, study: optuna.Study) -> int:
+    """Queue every trial the study still needs, before any worker starts: the grid points that no trial
+    covers yet, or (other samplers) empty trials that the sampler fills in when a worker claims them, up to
+    `n_trials` trials that are finished, running or queued. Failed trials are re-queued by `recover`."""
+    trials = study.get_trials(deepcopy=False)
+    if config.sampler == "grid":
+        covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials]
+        points = [point for point in config.grid()[: config.n_trials] if point not in covered]
+    else:
+        live = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+                   for t in trials)
+        points = [{}] * max(0, config.n_trials - live)
+    for point in points:
+        study.enqueue_trial(point)
+    return len(points)
 
 
 def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = None) -> dict:
@@ -194,8 +86,8 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
             "train.trainer.max_steps=20"] (study keys, and train.<override> for every trial).
         extra_train: Hydra training overrides added to every trial's (after those of the list form).
     Returns:
-        {"counts": trial counts by state and "done", "recovered": what recovery did, "queued": grid
-        points queued, "storage": the storage URL, "study": the StudyIdentity (search.identity) it ran}.
+        {"counts": trial counts by state and "done", "recovered": what recovery did, "queued": trials
+        queued, "storage": the storage URL, "study": the StudyIdentity (search.identity) it ran}.
     Raises:
         ConfigError: an unknown study or key, bad storage for several workers, unreachable storage.
         TrialInterrupted: Ctrl-C / SIGTERM during a trial (that trial is recorded as failed).
@@ -211,12 +103,12 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
     if config.workers > 1 and url.startswith("sqlite"):
         raise ConfigError("several workers need a journal file or an RDB storage "
                           "(storage=journal:runs/optuna.journal or a postgresql:// URL), not SQLite")
-    _quiet()
+    quiet()
     storage = open_storage(url)
     _, identity, note = resolve(storage, config, extra_train)
     if note:
         print(note, flush=True)
-    study = _load(config, identity, storage)
+    study = open_study(config, identity, storage)
     for key, value in {"metric": config.metric, "direction": config.direction, "question": config.question,
                        "group_by": config.group_by(), "x": config.x, "kind": config.kind,
                        "tracking_uri": config.tracking_uri, "n_trials": config.n_trials,
@@ -230,7 +122,7 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
             print(f"trial {number} is still RUNNING (its worker beat within grace_period = {config.grace_period:g} "
                   f"s): left to that worker; if the worker is gone, the trial counts as stale and is retried by a "
                   f"run started in {left:.0f} s or later", flush=True)
-        queued = _queue_grid(config, study) if config.sampler == "grid" else 0
+        queued = _queue(config, study)
         if config.workers == 1:
             work(config, identity, extra_train, parent)
             exitcodes = [0]
@@ -251,7 +143,7 @@ def _run_workers(config: StudyConfig, identity: StudyIdentity, extra_train: list
     """Start `config.workers` local worker processes and wait for them; returns their exit codes."""
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // config.workers)
-    procs = [ctx.Process(target=_worker_main, args=(asdict(config), identity, extra_train, parent, threads))
+    procs = [ctx.Process(target=worker_main, args=(asdict(config), identity, extra_train, parent, threads))
              for _ in range(config.workers)]
     for p in procs:
         p.start()

@@ -10,7 +10,7 @@ import torch
 from optuna.trial import TrialState
 
 from hybrids.training.progress import ProgressLines, format_duration, format_rate, use_bar
-from search.runner import _StopAtTarget
+from search.worker import Progress
 from tests.test_train import config, metric_rows
 
 
@@ -96,8 +96,8 @@ class Finished:
 def test_trial_eta_is_rounds_of_remaining_trials_times_mean_time():
     study = Finished(60, 120)
     counts = {"done": 2, "waiting": 3, "running": 1}
-    assert _StopAtTarget(8, grid=False, workers=2).eta(study, counts) == "6 left, eta 4m30s"  # 6 x 90 s / 2
-    assert _StopAtTarget(8, grid=True, workers=1).eta(study, counts) == "4 left, eta 6m00s"  # the grid has 4 more
-    assert _StopAtTarget(3, grid=False, workers=2).eta(study, counts) == "1 left, eta 1m30s"  # one round left
-    assert _StopAtTarget(2, grid=False).eta(study, counts) == "0 left"
-    assert _StopAtTarget(4, grid=False).eta(Finished(), {"done": 0}) == "4 left"
+    assert Progress(5, workers=2).eta(study, counts) == "3 left, eta 3m00s"  # 3 x 90 s / 2 -> 2 rounds
+    assert Progress(8, workers=1).eta(study, counts) == "4 left, eta 6m00s"  # only 4 more are queued or running
+    assert Progress(3, workers=2).eta(study, counts) == "1 left, eta 1m30s"  # one round left
+    assert Progress(2).eta(study, counts) == "0 left"
+    assert Progress(4).eta(Finished(), {"done": 0, "waiting": 4}) == "4 left"
