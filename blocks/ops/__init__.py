@@ -1,13 +1,16 @@
 """Numeric ops with a PyTorch path everywhere and the mamba-ssm kernels on CUDA when importable.
 
-Each public op takes `backend` ("auto" | "torch" | "mamba_ssm", see `blocks.ops.backend`). The
-pure-PyTorch implementations and their sequential references live in the op modules.
+Each public op takes `backend` ("auto" | "torch" | "mamba_ssm", see `blocks.ops.backend`; the gated delta
+rule takes "auto" | "torch" | "fla", see `blocks.ops.fla_kernels`). The pure-PyTorch implementations and
+their sequential references live in the op modules.
 """
 
 from __future__ import annotations
 
 from blocks.ops import backend as _backend
+from blocks.ops import fla_kernels as _fla
 from blocks.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch, conv_state_from
+from blocks.ops.delta_rule import delta_rule_chunked, delta_rule_ref, delta_rule_step
 from blocks.ops.scan import linear_scan, linear_scan_ref
 from blocks.ops.selective_scan import selective_scan_ref, selective_scan_torch
 from blocks.ops.selective_scan import selective_state_update as _selective_state_update_torch
@@ -77,10 +80,22 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
     return fn(x, conv_state, weight, bias, activation)
 
 
+def gated_delta_rule(q, k, v, g, beta, chunk_size=64, scale=None, initial_state=None, return_final_state=False,
+                     backend="auto"):
+    """Gated DeltaNet's delta rule (fla's kernel on CUDA when it can serve); see `delta_rule_chunked`."""
+    if _fla.resolve(backend, v.device) == "fla":
+        return _fla.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, return_final_state)
+    return delta_rule_chunked(q, k, v, g, beta, chunk_size, scale, initial_state, return_final_state)
+
+
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "conv_state_from",
+    "delta_rule_chunked",
+    "delta_rule_ref",
+    "delta_rule_step",
+    "gated_delta_rule",
     "linear_scan",
     "linear_scan_ref",
     "selective_scan",
