@@ -20,3 +20,4 @@ __all__ = [
 # Importing the block modules registers them.
 # The order is the registry's listing order.
 from blocks import mamba, mamba2, attention, mlp, moe, shared  # noqa: E402, F401, I001
+from blocks import gated_deltanet, hyena  # noqa: E402, F401, I001

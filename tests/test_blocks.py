@@ -81,7 +81,7 @@ def test_registry_unknown_name_lists_valid_ones():
     with pytest.raises(blocks.RegistryError) as err:
         blocks.get("mamba3")
     assert str(err.value) == ("unknown block 'mamba3'; valid blocks: M (mamba), M2 (mamba2), A (attention), F (mlp), "
-                              "E (moe), S (shared_attention)")
+                              "E (moe), S (shared_attention), G (gated_deltanet), H (hyena)")
 
 
 def test_registry_rejects_duplicates():
