@@ -25,6 +25,7 @@ NARROW = {
     "mamba": {},
     "mamba2": {"blocks.mamba2.headdim": 16, "blocks.mamba2.d_state": 16},
     "llama": {"blocks.attention.n_heads": 4, "blocks.mlp.d_ff": 128},
+    "striped-hyena": {"blocks.attention.n_heads": 4, "blocks.attention.n_kv_heads": 2, "blocks.mlp.d_ff": 128},
 }
 
 
