@@ -2,13 +2,15 @@
 
 Conventions (the blocks' `flops_per_token` and `cache_bytes` hooks follow them):
 - A multiply-add is 2 FLOPs. Norms, activations, residual adds and the embedding lookup count 0; the LM head
-  counts 2 * d_model * vocab per token. Mamba scans count their per-state multiply-adds.
+  counts 2 * d_model * vocab per token. Mamba scans count their per-state multiply-adds; Gated DeltaNet its
+  chunked products and triangular solve; a real FFT of n points 2.5 n log2 n (Hyena's long convolutions).
 - Attention is causal: the query at position i (1-based) reads i keys, (seq_len + 1) / 2 on average.
 - A shared block is counted at every invocation (FLOPs and one KV cache each). Its weights count once in
   `params_unique` and at every invocation in `params_per_invocation`; tied embeddings count once in both.
 - Training FLOPs are 3 x forward (the backward pass costs twice the forward).
 - Cache bytes are what `HybridLM.allocate_cache` allocates: keys, values and conv states in the model dtype,
-  SSM states in fp32 at least.
+  SSM states in fp32 at least. Hyena's cache counts as state although it grows with seq_len: the long
+  convolutions' inputs (model dtype, per sequence) and their taps (fp32, once per block).
 """
 
 from __future__ import annotations

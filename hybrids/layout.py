@@ -6,7 +6,7 @@ Grammar (symbols are looked up in `blocks.registry` at parse time)::
     item     = [ count ] token | "(" layout ")" [ "x" count ]
     token    = symbol "*" [ count | name ]      a shared-block invocation
              | symbol [ "+" symbol ]            a backbone layer: mixer [+ mlp], or a lone mlp
-    symbol   = "A".."Z" { "0".."9" }            e.g. M, M2, A, F, E
+    symbol   = "A".."Z" { "0".."9" }            e.g. M, M2, A, G, H, F, E
     count    = "1".."9" { "0".."9" }            >= 1, no leading zeros
     name     = "a".."z" { "a".."z" | "0".."9" | "_" }
 
