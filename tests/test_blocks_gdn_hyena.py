@@ -162,3 +162,21 @@ def test_hyena_cache_overflow_is_refused():
     block(torch.randn(1, 4, D), cache)
     with pytest.raises(ValueError, match="Hyena cache holds 4 positions, asked to fill 5"):
         block.step(torch.randn(1, 1, D), cache)
+
+
+def test_model_generation_cache_matches_full_forward():
+    model = build("G:H+F:A", d_model=32, vocab_size=64, **{"blocks.gated_deltanet.n_heads": 2,
+                                                           "blocks.attention.n_heads": 2}).double()
+    ids = torch.randint(0, 64, (2, 12))
+    full = model(ids)
+    cache = model.allocate_cache(2, 12)
+    steps = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache, step=True) for t in range(5, 12)]
+    assert max_rel(torch.cat(steps, 1), full) < 1e-10
+
+
+def test_a_model_backend_gated_deltanet_cannot_use_is_one_clear_line(capsys):
+    from hybrids.cli import main
+
+    assert main(["info", "2G", "--set", "backend=mamba_ssm"]) == 2
+    err = capsys.readouterr().err
+    assert "set blocks.gated_deltanet.backend" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -23,7 +23,8 @@ log = logging.getLogger("hybrids")
 
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
-        raise ConfigError(f"gated_deltanet: backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+        raise ConfigError(f"gated_deltanet: backend must be one of {', '.join(BACKENDS)}, got {name!r} "
+                          "(set blocks.gated_deltanet.backend)")
     return name
 
 
