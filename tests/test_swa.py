@@ -148,3 +148,13 @@ def test_bad_windows_are_one_clear_line(make, message):
     with pytest.raises(ConfigError) as err:
         make()
     assert str(err.value) == message
+
+
+def test_hf_jamba_export_refuses_windowed_attention():
+    from hybrids.hf_jamba import hf_config
+
+    model = build("M+F:W+F", d_model=D, device="meta", **{"blocks.sliding_attention.n_heads": 4,
+                                                         "blocks.mamba.inner_norms": True,
+                                                         "blocks.mamba.norm_eps": 1e-5})
+    with pytest.raises(ConfigError, match="^HF Jamba's attention has no RoPE, no bias, no window,"):
+        hf_config(model)
