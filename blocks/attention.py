@@ -121,7 +121,7 @@ class Attention(Block):
         zeros = dict(device=device, dtype=dtype)
         k = torch.zeros(batch, c.n_kv_heads, positions, c.head_dim, **zeros)
         v = torch.zeros(batch, c.n_kv_heads, positions, c.v_head_dim, **zeros)
-        return KVCache(k=k, v=v) if c.window is None else SlidingKVCache(k=k, v=v)
+        return KVCache(k=k, v=v) if c.window is None else SlidingKVCache(k=k, v=v, window=c.window)
 
     def _cached_positions(self, seq_len: int) -> int:
         return seq_len if self.config.window is None else min(seq_len, self.config.window)

@@ -79,15 +79,20 @@ class KVCache(Cache):
 
 @dataclass
 class SlidingKVCache(KVCache):
-    """A rolling cache of the last `window` keys and values (window = the tensors' length), oldest first.
+    """A rolling cache of the last keys and values, oldest first, in min(max_seqlen, window) slots.
 
-    `length` counts every position seen; the held ones fill the last min(length, window) slots.
+    `length` counts every position seen; the held ones fill the last min(length, slots) slots. Slots fewer than
+    the window (a short max_seqlen) can never drop a key that a later query still sees: filling more is an error.
     """
+
+    window: int | None = None  # keys each query sees; None: as many as the slots
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Take (B, H, T, Dh) new keys/values; return the held ones followed by the new ones, then keep the last
-        `window` of them."""
+        slots' worth of them."""
         window = self.k.shape[2]
+        if window < (self.window or window) and self.length + k.shape[2] > window:
+            raise ValueError(f"KV cache holds {window} positions, asked to fill {self.length + k.shape[2]}")
         held = min(self.length, window)
         keys = torch.cat([self.k[:, :, window - held :], k], dim=2)
         values = torch.cat([self.v[:, :, window - held :], v], dim=2)

@@ -86,6 +86,14 @@ def test_step_by_step_decoding_equals_the_parallel_forward_past_the_window(prefi
     assert max_rel(torch.cat(outs, 1), attn(x)) < 1e-12
 
 
+def test_a_cache_shorter_than_the_window_refuses_to_overflow():
+    attn = block(window=8)
+    cache = attn.allocate_cache(2, 5, dtype=torch.float64)
+    attn(torch.randn(2, 5, D, dtype=torch.float64), cache)
+    with pytest.raises(ValueError, match="^KV cache holds 5 positions, asked to fill 6$"):
+        attn.step(torch.randn(2, 1, D, dtype=torch.float64), cache)
+
+
 def test_prefill_in_chunks_longer_than_the_window():
     attn = block(window=4)
     x = torch.randn(2, 23, D, dtype=torch.float64)
