@@ -1,6 +1,6 @@
 """Blocks of hybrid SSM / attention models, their registry and their numeric ops."""
 
-from blocks.base import Block, BlockConfig, Cache, ConfigError, KVCache, RecurrentCache
+from blocks.base import Block, BlockConfig, Cache, ConfigError, KVCache, RecurrentCache, SlidingKVCache
 from blocks.registry import RegistryError, describe, entries, get, register
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "KVCache",
     "RecurrentCache",
     "RegistryError",
+    "SlidingKVCache",
     "describe",
     "entries",
     "get",
@@ -19,5 +20,5 @@ __all__ = [
 
 # Importing the block modules registers them.
 # The order is the registry's listing order.
-from blocks import mamba, mamba2, attention, mlp, moe, shared  # noqa: E402, F401, I001
+from blocks import mamba, mamba2, attention, mlp, moe, shared, sliding_attention, parallel  # noqa: E402, F401, I001
 from blocks import gated_deltanet, hyena  # noqa: E402, F401, I001

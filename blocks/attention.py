@@ -1,7 +1,10 @@
-"""Multi-head / grouped-query attention through scaled_dot_product_attention, optional RoPE.
+"""Multi-head / grouped-query attention through scaled_dot_product_attention, optional RoPE and sliding window.
 
 The input width (d_input) may differ from the output width (d_model): Zamba's shared block attends
 in 2 * d_model (residual stream concatenated with the embeddings) and projects back to d_model.
+With `window` each query sees only its last `window` keys (itself included) and the generation cache
+keeps only those (`SlidingKVCache`). "W" is that form with a window by default, so that one layout
+can mix full and sliding-window layers (Hymba, Samba); see `blocks.sliding_attention`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from blocks.base import Block, BlockConfig, KVCache, check, linear_flops
+from blocks.base import Block, BlockConfig, KVCache, SlidingKVCache, check, linear_flops, project
+from blocks.ops.window import sliding_window_attention
 from blocks.registry import register
 
 
@@ -27,6 +31,9 @@ class AttentionConfig(BlockConfig):
     rope_theta: float = 10000.0
     softmax_scale: float | None = None  # None: head_dim ** -0.5
     bias: bool = False
+    v_head_dim: int | None = None  # None: head_dim; Hymba widens values to its SSM heads' width
+    window: int | None = None  # None: full causal; w: each query sees its last w keys (itself included)
+    out_proj: bool = True  # False: return the heads' outputs, d_inner wide (a parallel layer projects them)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,6 +46,14 @@ class AttentionConfig(BlockConfig):
                   f"attention: input width {self.d_input} is not divisible by n_heads = {self.n_heads}")
             self.head_dim = self.d_input // self.n_heads
         check(not self.rope or self.head_dim % 2 == 0, f"attention: RoPE needs an even head_dim, got {self.head_dim}")
+        self.v_head_dim = self.v_head_dim or self.head_dim
+        check(self.window is None or (isinstance(self.window, int) and self.window >= 1),
+              f"attention: window must be a positive number of keys or None (full attention), got {self.window!r}")
+
+    @property
+    def d_inner(self) -> int:
+        """Width of the heads' concatenated outputs, before the output projection."""
+        return self.n_heads * self.v_head_dim
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -63,13 +78,14 @@ class Attention(Block):
         c = config
         self.q_proj = nn.Linear(c.d_input, c.n_heads * c.head_dim, bias=c.bias)
         self.k_proj = nn.Linear(c.d_input, c.n_kv_heads * c.head_dim, bias=c.bias)
-        self.v_proj = nn.Linear(c.d_input, c.n_kv_heads * c.head_dim, bias=c.bias)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=c.bias)
+        self.v_proj = nn.Linear(c.d_input, c.n_kv_heads * c.v_head_dim, bias=c.bias)
+        self.o_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, qkv_delta=None, **context) -> torch.Tensor:
-        """x: (B, T, d_input). qkv_delta: optional additive (q, k, v) projections (per-invocation LoRA).
+        """x: (B, T, d_input) -> (B, T, d_model), or (B, T, d_inner) without out_proj.
 
-        With a cache, the T new positions follow the cache's filled ones and are appended to it.
+        qkv_delta: optional additive (q, k, v) projections (per-invocation LoRA). With a cache, the T new
+        positions follow the cache's filled ones and are appended to it.
         """
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -77,38 +93,57 @@ class Attention(Block):
             q, k, v = q + qkv_delta[0], k + qkv_delta[1], v + qkv_delta[2]
         q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
         k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
-        v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
+        v = rearrange(v, "b t (h d) -> b h t d", d=c.v_head_dim)
         start = cache.length if cache is not None else 0
         new = x.shape[1]
         if c.rope:
             cos, sin = rope_cos_sin(torch.arange(start, start + new, device=x.device), c.head_dim, c.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(k, v)
-        mask = None
-        if start and new > 1:  # new positions see all cached ones and the causal part of their own block
-            total = start + new
-            mask = torch.ones(new, total, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and new > 1,
-                                           scale=c.softmax_scale, enable_gqa=c.n_kv_heads != c.n_heads)
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+            k, v = cache.append(k, v)  # the new queries are the last `new` positions of k and v
+        gqa = c.n_kv_heads != c.n_heads
+        if c.window is not None:
+            y = sliding_window_attention(q, k, v, c.window, scale=c.softmax_scale, enable_gqa=gqa)
+        else:
+            mask = None
+            if start and new > 1:  # new positions see all cached ones and the causal part of their own block
+                mask = torch.ones(new, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and new > 1,
+                                               scale=c.softmax_scale, enable_gqa=gqa)
+        y = rearrange(y, "b h t d -> b t (h d)")
+        return project(self.o_proj, y)
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None) -> KVCache:
+        """Keys and values for max_seqlen positions, or a rolling cache of min(max_seqlen, window)."""
         c = self.config
         dtype = dtype or self.q_proj.weight.dtype
-        shape = (batch, c.n_kv_heads, max_seqlen, c.head_dim)
+        positions = self._cached_positions(max_seqlen)
         zeros = dict(device=device, dtype=dtype)
-        return KVCache(k=torch.zeros(shape, **zeros), v=torch.zeros(shape, **zeros))
+        k = torch.zeros(batch, c.n_kv_heads, positions, c.head_dim, **zeros)
+        v = torch.zeros(batch, c.n_kv_heads, positions, c.v_head_dim, **zeros)
+        return KVCache(k=k, v=v) if c.window is None else SlidingKVCache(k=k, v=v, window=c.window)
+
+    def _cached_positions(self, seq_len: int) -> int:
+        return seq_len if self.config.window is None else min(seq_len, self.config.window)
 
     def step(self, x: torch.Tensor, cache: KVCache, **context) -> torch.Tensor:
         return self.forward(x, cache, **context)
 
     def cache_bytes(self, batch, seq_len, dtype=torch.bfloat16) -> dict[str, int]:
         c = self.config
-        return {"kv": 2 * batch * c.n_kv_heads * seq_len * c.head_dim * dtype.itemsize, "state": 0}
+        per_position = c.n_kv_heads * (c.head_dim + c.v_head_dim) * dtype.itemsize
+        return {"kv": batch * self._cached_positions(seq_len) * per_position, "state": 0}
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Projections plus QK^T and AV, averaged over the causal positions 1..seq_len."""
+        """Projections plus QK^T and AV, averaged over the positions 1..seq_len (each reads min(i, window) keys)."""
         c = self.config
+        per_key = 2 * c.n_heads * (c.head_dim + c.v_head_dim)
         return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj) \
-            + 2 * c.n_heads * c.head_dim * (seq_len + 1)
+            + per_key * keys_read(seq_len, c.window) // seq_len
+
+
+def keys_read(seq_len: int, window: int | None) -> int:
+    """Keys read by all queries at positions 1..seq_len together: position i reads min(i, window)."""
+    reach = seq_len if window is None else min(window, seq_len)
+    return reach * (reach + 1) // 2 + (seq_len - reach) * reach
+

@@ -42,6 +42,10 @@ class Cache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def nbytes_by_kind(self) -> dict[str, int]:
+        """{"kv": attention keys and values, "state": recurrent state}, as `Block.cache_bytes` splits them."""
+        return {"kv": 0, "state": self.nbytes()}
+
 
 @dataclass
 class RecurrentCache(Cache):
@@ -56,7 +60,7 @@ class KVCache(Cache):
     """Attention keys and values, preallocated to max_seqlen; `length` positions are filled."""
 
     k: torch.Tensor  # (B, n_kv_heads, max_seqlen, head_dim)
-    v: torch.Tensor  # (B, n_kv_heads, max_seqlen, head_dim)
+    v: torch.Tensor  # (B, n_kv_heads, max_seqlen, v_head_dim)
     length: int = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +72,35 @@ class KVCache(Cache):
         self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes_by_kind(self) -> dict[str, int]:
+        return {"kv": self.nbytes(), "state": 0}
+
+
+@dataclass
+class SlidingKVCache(KVCache):
+    """A rolling cache of the last keys and values, oldest first, in min(max_seqlen, window) slots.
+
+    `length` counts every position seen; the held ones fill the last min(length, slots) slots. Slots fewer than
+    the window (a short max_seqlen) can never drop a key that a later query still sees: filling more is an error.
+    """
+
+    window: int | None = None  # keys each query sees; None: as many as the slots
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take (B, H, T, Dh) new keys/values; return the held ones followed by the new ones, then keep the last
+        slots' worth of them."""
+        window = self.k.shape[2]
+        if window < (self.window or window) and self.length + k.shape[2] > window:
+            raise ValueError(f"KV cache holds {window} positions, asked to fill {self.length + k.shape[2]}")
+        held = min(self.length, window)
+        keys = torch.cat([self.k[:, :, window - held :], k], dim=2)
+        values = torch.cat([self.v[:, :, window - held :], v], dim=2)
+        keep = min(window, keys.shape[2])
+        self.k[:, :, window - keep :] = keys[:, :, -keep:]
+        self.v[:, :, window - keep :] = values[:, :, -keep:]
+        self.length += k.shape[2]
+        return keys, values
 
 
 class Block(nn.Module):
@@ -133,6 +166,11 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """t in fp32, or wider if it already is (float64 models stay exact)."""
     return t.to(state_dtype(t.dtype))
+
+
+def project(linear: nn.Linear | None, x: torch.Tensor) -> torch.Tensor:
+    """linear(x), or x itself for a block built without that projection (out_proj=False)."""
+    return x if linear is None else linear(x)
 
 
 def linear_flops(*linears: nn.Linear | None) -> int:

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from blocks import ops
-from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, state_dtype, upcast
+from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, project, state_dtype, upcast
 from blocks.norm import RMSNorm
 from blocks.ops.backend import check_backend
 from blocks.registry import register
@@ -35,6 +35,7 @@ class MambaConfig(BlockConfig):
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     backend: str = "auto"
+    out_proj: bool = True  # False: return the d_inner-wide scan output (a parallel layer projects it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +65,7 @@ class Mamba(Block):
         self.dt_bias = nn.Parameter(torch.empty(d_inner))
         self.A_log = nn.Parameter(torch.empty(d_inner, c.d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
-        self.out_proj = nn.Linear(d_inner, c.d_model, bias=c.bias)
+        self.out_proj = nn.Linear(d_inner, c.d_model, bias=c.bias) if c.out_proj else None
         self.inner_norms = nn.ModuleList(
             [RMSNorm(n, c.norm_eps) for n in (c.dt_rank, c.d_state, c.d_state)] if c.inner_norms else []
         )
@@ -93,7 +94,7 @@ class Mamba(Block):
         input token most of the probability (zamba-tiny: loss 4.35 for predicting the current token,
         against 5.32 with this init and ln(256) = 5.55 for no preference).
         """
-        for linear in (self.in_proj, self.out_proj):
+        for linear in filter(None, (self.in_proj, self.out_proj)):
             linear.reset_parameters()
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
@@ -122,7 +123,7 @@ class Mamba(Block):
         if cache is not None:
             out, state = out
             cache.ssm.copy_(state)
-        return self.out_proj(rearrange(out, "b d l -> b l d"))
+        return project(self.out_proj, rearrange(out, "b d l -> b l d"))
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None) -> RecurrentCache:
         c = self.config
@@ -141,7 +142,7 @@ class Mamba(Block):
         A = -torch.exp(upcast(self.A_log))
         y = ops.selective_state_update(cache.ssm, xs, delta[..., 0], A, B[..., 0], C[..., 0], upcast(self.D),
                                        z, upcast(self.dt_bias), dt_softplus=True, backend=c.backend)
-        return self.out_proj(y)[:, None]
+        return project(self.out_proj, y)[:, None]
 
     def cache_bytes(self, batch, seq_len, dtype=torch.bfloat16) -> dict[str, int]:
         c = self.config

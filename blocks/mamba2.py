@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from blocks import ops
-from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, state_dtype, upcast
+from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, project, state_dtype, upcast
 from blocks.norm import GatedRMSNorm
 from blocks.ops.backend import check_backend
 from blocks.registry import register
@@ -38,6 +38,7 @@ class Mamba2Config(BlockConfig):
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     A_init_range: tuple[float, float] = (1.0, 16.0)
     backend: str = "auto"
+    out_proj: bool = True  # False: return the d_inner-wide scan output (a parallel layer projects it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,7 +76,7 @@ class Mamba2(Block):
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.n_heads))
         self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -113,8 +114,7 @@ class Mamba2(Block):
         if cache is not None:
             y, state = y
             cache.ssm.copy_(state)
-        y = self.norm(y.flatten(-2), z)
-        return self.out_proj(y)
+        return project(self.out_proj, self.norm(y.flatten(-2), z))
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None) -> RecurrentCache:
         c = self.config
@@ -134,7 +134,7 @@ class Mamba2(Block):
         # dt is discretised here (not in the kernel) so that dt_limit applies exactly as in the scan.
         dt = F.softplus(upcast(dt) + upcast(self.dt_bias)).clamp(*c.dt_limit)
         y = ops.ssd_state_update(cache.ssm, xs, dt, A, B, C, D=upcast(self.D), backend=c.backend)
-        return self.out_proj(self.norm(y.flatten(-2), z))[:, None]
+        return project(self.out_proj, self.norm(y.flatten(-2), z))[:, None]
 
     def cache_bytes(self, batch, seq_len, dtype=torch.bfloat16) -> dict[str, int]:
         c = self.config

@@ -22,10 +22,10 @@ class Entry:
     symbol: str
     cls: type
     config_cls: type
-    kind: str  # "mixer", "mlp" or "shared"
+    kind: str  # "mixer", "mlp", "shared" or "parallel"
 
 
-KINDS = ("mixer", "mlp", "shared")
+KINDS = ("mixer", "mlp", "shared", "parallel")
 _by_name: dict[str, Entry] = {}
 _by_symbol: dict[str, Entry] = {}
 
@@ -37,7 +37,8 @@ def register(name: str, symbol: str, config_cls: type, kind: str):
         name: lower-case name used in configs ("mamba2").
         symbol: layout symbol, an upper-case letter optionally followed by digits ("M2").
         config_cls: the block's typed config dataclass.
-        kind: "mixer" (sequence mixer), "mlp" (channel mixer) or "shared" (a weight-shared block).
+        kind: "mixer" (sequence mixer), "mlp" (channel mixer), "shared" (a weight-shared block) or
+            "parallel" (mixers side by side, written "(A|M2)" in layouts).
     Returns:
         The decorator; it sets `name`, `symbol`, `config_cls` and `kind` on the class.
     """

@@ -59,6 +59,9 @@ class ModelConfig:
             if unknown:
                 raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} for block {name!r}; "
                                   f"valid: {', '.join(sorted(valid))}")
+            if entry.kind == "mixer" and "out_proj" in overrides:
+                raise ConfigError(f"blocks.{name}.out_proj is not a model option: a layer needs its mixer's output "
+                                  "projection, and a parallel layer drops its branches' projections itself")
 
     def block_options(self, name: str) -> dict[str, Any]:
         return dict(self.blocks.get(name, {}))

@@ -142,9 +142,10 @@ def hf_config(model: HybridLM):
                                                       (mlps, "MLP"), (moes, "MoE")))
     require(m is None or (m.n_heads == 1 and m.inner_norms and m.norm_eps == c.norm_eps),
             "HF Jamba's Mamba has one head and inner norms with the model's norm eps")
-    require(a is None or (not a.rope and not a.bias and a.d_input == c.d_model
+    require(a is None or (not a.rope and not a.bias and a.d_input == c.d_model and a.window is None
+                          and a.v_head_dim == a.head_dim
                           and math.isclose(a.softmax_scale or a.head_dim**-0.5, a.head_dim**-0.5)),
-            "HF Jamba's attention has no RoPE, no bias and the head_dim^-0.5 scale")
+            "HF Jamba's attention has no RoPE, no bias, no window, values as wide as keys and the head_dim^-0.5 scale")
     require(f is None or (f.gated and not f.bias and f.activation == "silu"), "HF Jamba's MLP is gated SiLU")
     require(e is None or (e.activation == "silu" and not e.normalize_top_k and e.capacity_factor is None
                           and e.n_experts > 1), "HF Jamba's MoE is dropless SiLU without top-k renormalisation")

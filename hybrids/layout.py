@@ -4,9 +4,10 @@ Grammar (symbols are looked up in `blocks.registry` at parse time)::
 
     layout   = item { ":" item }
     item     = [ count ] token | "(" layout ")" [ "x" count ]
-    token    = symbol "*" [ count | name ]      a shared-block invocation
-             | symbol [ "+" symbol ]            a backbone layer: mixer [+ mlp], or a lone mlp
-    symbol   = "A".."Z" { "0".."9" }            e.g. M, M2, A, G, H, F, E
+    token    = mixer "*" [ count | name ]       a shared-block invocation
+             | mixer [ "+" symbol ]             a backbone layer: mixer [+ mlp], or a lone mlp
+    mixer    = symbol | "(" symbol "|" symbol { "|" symbol } ")"    one block, or mixers side by side
+    symbol   = "A".."Z" { "0".."9" }            e.g. M, M2, A, W, G, H, F, E
     count    = "1".."9" { "0".."9" }            >= 1, no leading zeros
     name     = "a".."z" { "a".."z" | "0".."9" | "_" }
 
@@ -15,6 +16,8 @@ Whitespace may surround ':', '+', 'x', '(' and ')' but not split a unit such as 
 Examples:
     "6M:A*"        six Mamba layers, then one invocation of the shared attention block.
     "3M+F"         three layers of Mamba mixer + MLP; "M+E" is a Jamba layer (Mamba + MoE), "F" an MLP layer.
+    "3(W|M)+F"     three parallel layers (Hymba): sliding-window attention and Mamba heads over the same input,
+                   outputs normed and averaged (blocks.parallel), then an MLP; "(A|M2)*" shares one such layer.
     "(6M:A*)x13"   a group repeated 13 times; groups nest.
     "2A*"          two consecutive invocations of the same shared weights.
     "(6M:A*2)x4"   round-robin: two weight sets, invocation i (counted over the whole layout) uses set i % 2
@@ -55,6 +58,7 @@ from hybrids.layout_tile import (
     Group,
     Layer,
     Node,
+    Parallel,
     Run,
     Star,
     format_tree,
@@ -66,7 +70,7 @@ from hybrids.layout_tile import (
     walk,
 )
 
-__all__ = ["Group", "Layer", "Layout", "LayoutError", "Run", "Shared", "Star", "parse_layout"]
+__all__ = ["Group", "Layer", "Layout", "LayoutError", "Parallel", "Run", "Shared", "Star", "parse_layout"]
 
 MAX_NESTING = 32  # bounds the parser's recursion on inputs such as "((((...M))))"
 MAX_ITEMS = 100_000  # expanded layers + invocations; far beyond any model, small enough to hold in memory
@@ -100,7 +104,7 @@ class LayoutError(ValueError):
 class Shared:
     """One invocation of a shared block: `slot` is the set's name, or its index for round-robin sets."""
 
-    symbol: str
+    symbol: str | Parallel
     slot: str | int
 
     def __str__(self) -> str:
@@ -252,12 +256,14 @@ class _Parser:
             expected = "':' or ')'" if end else "':' or the end of the layout"
             after_run = self.peek() == "x" and isinstance(nodes[-1], Run)
             hint = "; only a group '(...)' takes a repeat 'xN'" if after_run else ""
+            if after_run and isinstance(nodes[-1].token, Layer) and isinstance(nodes[-1].token.mixer, Parallel):
+                hint = f"; a parallel layer repeats with a count in front, as in '2{nodes[-1].token}'"
             raise self.error(f"expected {expected} but {self.found()}{hint}")
         return tuple(nodes)
 
     def item(self, nesting: int) -> Node:
         self.skip_space()
-        if self.peek() != "(":
+        if self.peek() != "(" or self.parallel_ahead():
             count_pos = self.pos
             count = self.count("a count") if _COUNT.match(self.text, self.pos) else 1
             node: Node = Run(self.token(self.text[count_pos : self.pos]), count)
@@ -286,13 +292,19 @@ class _Parser:
     def token(self, count: str) -> Layer | Star:
         """The token after an optional `count` (its text, "" when none was written)."""
         start = self.pos
-        if count and self.peek() == "(":
-            raise self.error(f"a group's repeat count goes after it, as in '(...)x{count}'")
-        symbol = self.symbol(f"a block symbol after the count {count!r}" if count
-                             else f"a block symbol ({_choices()}) or '('")
+        if self.peek() == "(":
+            if not self.parallel_ahead():
+                raise self.error(f"a group's repeat count goes after it, as in '(...)x{count}'")
+            symbol, kind = self.parallel(), "mixer"
+        else:
+            symbol = self.symbol(f"a block symbol after the count {count!r}" if count
+                                 else f"a block symbol ({_choices()}) or '('")
+            kind = registry.get(symbol).kind
+        if kind == "parallel":
+            raise self.error(f"{symbol!r} is the parallel layer; write its branches in parentheses, "
+                             "as in '(A|M2)'", start)
         if self.peek() == "*":
             return self.star(symbol, start)
-        kind = registry.get(symbol).kind
         if kind == "shared":
             raise self.error(f"{symbol!r} is a shared block; write it with a star: '{symbol}*'", start)
         self.skip_space()
@@ -312,7 +324,38 @@ class _Parser:
             raise self.error("the mlp of a layer cannot be shared; write a shared block as its own item")
         return Layer(symbol, mlp)
 
-    def star(self, symbol: str, start: int) -> Star:
+    def parallel_ahead(self) -> bool:
+        """Whether the '(' at `pos` opens a parallel layer "(A|M2)" rather than a group "(A:M2)"."""
+        match = re.compile(r"\(\s*[A-Z][0-9]*\s*\|").match(self.text, self.pos)
+        return match is not None
+
+    def parallel(self) -> Parallel:
+        """'(' symbol '|' symbol ... ')': the branches of a parallel layer, each a mixer."""
+        open_pos = self.pos
+        self.pos += 1
+        branches = []
+        while True:
+            self.skip_space()
+            pos = self.pos
+            symbol = self.symbol(f"a mixer symbol ({_choices('mixer')})")
+            if (kind := registry.get(symbol).kind) != "mixer":
+                raise self.error(f"{symbol!r} is a block of kind {kind!r}; the branches of a parallel layer are "
+                                 f"mixers ({_choices('mixer')})", pos)
+            branches.append(symbol)
+            self.skip_space()
+            if self.peek() == ")":
+                self.pos += 1
+                return Parallel(tuple(branches))
+            if self.peek() == "|":
+                self.pos += 1
+                continue
+            if not self.peek():
+                raise self.error("unclosed '('", open_pos)
+            hint = {"*": "; share the whole layer instead, as in '(A|M2)*'",
+                    "+": "; the mlp follows the parentheses, as in '(A|M2)+F'"}.get(self.peek(), "")
+            raise self.error(f"expected '|' or ')' in a parallel layer but {self.found()}{hint}")
+
+    def star(self, symbol: str | Parallel, start: int) -> Star:
         self.pos += 1
         name = self.take(_NAME)
         if name:
@@ -384,15 +427,31 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _kind(symbol: str | None) -> str | None:
+def _kind(symbol: str | Parallel | None) -> str | None:
+    if isinstance(symbol, Parallel):
+        return "mixer" if _parallel_problem(symbol) is None else None
     return registry.get(symbol).kind if symbol in registry.symbols() else None
+
+
+def _parallel_problem(parallel: Parallel) -> str | None:
+    """Why a parallel layer built outside the parser is invalid, or None."""
+    if not isinstance(parallel.branches, tuple) or len(parallel.branches) < 2:
+        return f"a parallel layer needs a tuple of at least two branches, got {parallel.branches!r}"
+    for symbol in parallel.branches:
+        if _kind(symbol) != "mixer":
+            return f"{symbol!r} is not a mixer block; the branches of a parallel layer are mixers: {_choices('mixer')}"
+    return None
 
 
 def _token_problem(token: Layer | Star) -> str | None:
     """Why a token built outside the parser is invalid, or None."""
     if isinstance(token, Star):
+        if isinstance(token.symbol, Parallel) and (problem := _parallel_problem(token.symbol)):
+            return problem
         if _kind(token.symbol) is None:
             return f"unknown block symbol {token.symbol!r}; valid: {registry.describe()}"
+        if _kind(token.symbol) == "parallel":
+            return f"{token.symbol!r} is the parallel layer; give its branches, as in Parallel(('A', 'M2'))"
         sets = token.sets
         if isinstance(sets, str) and not _NAME.fullmatch(sets):
             return f"a weight-set name must match [a-z][a-z0-9_]*, got {sets!r}"
@@ -401,6 +460,8 @@ def _token_problem(token: Layer | Star) -> str | None:
         return None
     if token.mixer is None and token.mlp is None:
         return "a layer needs a mixer or an mlp block"
+    if isinstance(token.mixer, Parallel) and (problem := _parallel_problem(token.mixer)):
+        return problem
     if token.mixer is not None and _kind(token.mixer) != "mixer":
         return f"{token.mixer!r} is not a mixer block; mixers: {_choices('mixer')}"
     if token.mlp is not None and _kind(token.mlp) != "mlp":

@@ -13,19 +13,33 @@ from itertools import repeat as repeat_item
 
 
 @dataclass(frozen=True)
+class Parallel:
+    """Mixers side by side in one layer over the same input, "(A|M2)" (see `blocks.parallel`).
+
+    Args:
+        branches: symbols of "mixer" blocks, at least two, in written order.
+    """
+
+    branches: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"({'|'.join(self.branches)})"
+
+
+@dataclass(frozen=True)
 class Layer:
     """One backbone layer: a sequence mixer, an MLP, or a mixer followed by an MLP ("M+E").
 
     Args:
-        mixer: symbol of a "mixer" block, or None for an MLP-only layer.
+        mixer: symbol of a "mixer" block, a `Parallel` of them, or None for an MLP-only layer.
         mlp: symbol of an "mlp" block, or None for a mixer-only layer.
     """
 
-    mixer: str | None
+    mixer: str | Parallel | None
     mlp: str | None
 
     def __str__(self) -> str:
-        return "+".join(symbol for symbol in (self.mixer, self.mlp) if symbol)
+        return "+".join(str(symbol) for symbol in (self.mixer, self.mlp) if symbol)
 
 
 @dataclass(frozen=True)
@@ -33,11 +47,11 @@ class Star:
     """A shared-block token as written: "A*" (sets=1), "A*2" (sets=2, round-robin) or "A*x" (sets="x").
 
     Args:
-        symbol: the block's registry symbol.
+        symbol: the block's registry symbol, or a `Parallel` layer ("(A|M2)*").
         sets: how many weight sets the invocations rotate through, or the name of the one set used.
     """
 
-    symbol: str
+    symbol: str | Parallel
     sets: int | str = 1
 
     def __str__(self) -> str:

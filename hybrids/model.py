@@ -6,7 +6,8 @@ before its pre-norm, not to the residual stream). With `inject="residual"` the s
 to the residual stream instead. A shared output with no later layer is added before the final norm.
 
 "A*" invokes Zamba's shared attention block (concatenated embeddings, per-invocation projection and
-LoRA); any other starred symbol shares one residual layer of that block across its occurrences.
+LoRA); any other starred symbol shares one residual layer of that block across its occurrences. A parallel
+mixer "(A|M2)" is one `blocks.parallel.Parallel` block built from its branches' configured options.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from blocks import Block, Cache, KVCache, registry
+from blocks import Block, Cache, registry
 from blocks.norm import RMSNorm
+from blocks.parallel import Parallel, ParallelConfig
 from hybrids.config import ModelConfig, load_config
 from hybrids.layout import Layer as LayerSpec
 from hybrids.layout import Layout, parse_layout
+from hybrids.layout import Parallel as ParallelSpec
 
 SHARED_FORM = {"attention": "shared_attention"}  # starred symbol -> the block built for it
 
@@ -60,9 +63,9 @@ class HybridCache:
     def nbytes(self) -> dict[str, int]:
         """Measured bytes: {"kv": attention caches, "state": recurrent states (conv + SSM)}."""
         out = {"kv": 0, "state": 0}
-        for c in self.items:
-            if c is not None:
-                out["kv" if isinstance(c, KVCache) else "state"] += c.nbytes()
+        for c in filter(None, self.items):
+            for kind, n in c.nbytes_by_kind().items():
+                out[kind] += n
         return out
 
 
@@ -80,6 +83,7 @@ class HybridLM(nn.Module):
         # plan: ("layer", index in self.layers) | ("shared", key, invocation) | ("shared_layer", key)
         self.plan: list[tuple] = []
         uses: dict[str, int] = {}
+        symbols: dict[str, str | ParallelSpec] = {}
         for item in self.layout.items:
             if isinstance(item, LayerSpec):
                 self.plan.append(("layer", len(self.layers)))
@@ -88,9 +92,9 @@ class HybridLM(nn.Module):
             key = f"{item.symbol}_{item.slot}"
             self.plan.append(("shared", key, uses.get(key, 0)))
             uses[key] = uses.get(key, 0) + 1
+            symbols[key] = item.symbol
         for key, n in uses.items():
-            symbol = key.rsplit("_", 1)[0]
-            self.shared[key] = self._shared(symbol, n)
+            self.shared[key] = self._shared(symbols[key], n)
         self.plan = [("shared_layer", p[1]) if p[0] == "shared" and isinstance(self.shared[p[1]], Layer) else p
                      for p in self.plan]
         self.norm = RMSNorm(d, config.norm_eps)
@@ -123,11 +127,19 @@ class HybridLM(nn.Module):
             options.setdefault("backend", self.config.backend)
         return entry.cls(entry.config_cls(d_model=self.config.d_model, **options))
 
-    def _layer(self, mixer: str | None, mlp: str | None) -> Layer:
-        return Layer(self._block(mixer) if mixer else None, self._block(mlp) if mlp else None,
+    def _mixer(self, mixer: str | ParallelSpec) -> Block:
+        if isinstance(mixer, ParallelSpec):
+            config = ParallelConfig(d_model=self.config.d_model, **self.config.block_options("parallel"))
+            return Parallel.build(config, mixer.branches, self._block)
+        return self._block(mixer)
+
+    def _layer(self, mixer: str | ParallelSpec | None, mlp: str | None) -> Layer:
+        return Layer(self._mixer(mixer) if mixer else None, self._block(mlp) if mlp else None,
                      self.config.d_model, self.config.norm_eps)
 
-    def _shared(self, symbol: str, n_invocations: int) -> nn.Module:
+    def _shared(self, symbol: str | ParallelSpec, n_invocations: int) -> nn.Module:
+        if isinstance(symbol, ParallelSpec):
+            return self._layer(symbol, None)
         entry = registry.get(symbol)
         name = entry.name if entry.kind == "shared" else SHARED_FORM.get(entry.name)
         if name is not None:

@@ -80,8 +80,9 @@ def test_registry_lookup_by_name_and_symbol():
 def test_registry_unknown_name_lists_valid_ones():
     with pytest.raises(blocks.RegistryError) as err:
         blocks.get("mamba3")
-    assert str(err.value) == ("unknown block 'mamba3'; valid blocks: M (mamba), M2 (mamba2), A (attention), F (mlp), "
-                              "E (moe), S (shared_attention), G (gated_deltanet), H (hyena)")
+    assert str(err.value).startswith("unknown block 'mamba3'; valid blocks: M (mamba), M2 (mamba2), A (attention), "
+                                     "F (mlp), E (moe), S (shared_attention)")
+    assert "W (sliding_attention)" in str(err.value) and "P (parallel)" in str(err.value)
 
 
 def test_registry_rejects_duplicates():

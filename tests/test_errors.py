@@ -125,7 +125,7 @@ def study_text(metric="val/accuracy", layout="2M", train="model=mamba-tiny, trai
      "train/loss, val/accuracy, val/loss"),
     (study_text(layout="2M:X*"),
      "study s, trial model.layout=2M:X*: unknown block symbol 'X'; valid: M (mamba), M2 (mamba2), A (attention), "
-     "F (mlp), E (moe), S (shared_attention), G (gated_deltanet), H (hyena)"),
+     "F (mlp), E (moe), S (shared_attention), W (sliding_attention), P (parallel), G (gated_deltanet), H (hyena)"),
     (study_text(train="model=mamba-tiny, trainer.max_steps=4, schedule.warmup_steps=7"),
      "study s, trial model.layout=M: schedule.warmup_steps must be in [0, 3] (total_steps = 4), got 7"),
     (study_text(train="model=mamba-tiny, task.vocab_size=4096"),

@@ -26,6 +26,9 @@ NARROW = {
     "mamba2": {"blocks.mamba2.headdim": 16, "blocks.mamba2.d_state": 16},
     "llama": {"blocks.attention.n_heads": 4, "blocks.mlp.d_ff": 128},
     "striped-hyena": {"blocks.attention.n_heads": 4, "blocks.attention.n_kv_heads": 2, "blocks.mlp.d_ff": 128},
+    "hymba": {f"blocks.{attn}.{key}": value for attn in ("attention", "sliding_attention")
+              for key, value in (("n_heads", 4), ("n_kv_heads", 2), ("head_dim", 16), ("v_head_dim", 32))}
+    | {"blocks.mamba.dt_rank": 4, "blocks.mlp.d_ff": 128},
 }
 
 

@@ -100,6 +100,10 @@ def check(args: list[str], out: str, cwd: Path) -> None:
     """What the README says each command gives."""
     if args[0] == "info" and args[1] == "zamba-7b":
         assert "7,232,490,496" in out, out
+    elif args[0] == "info" and args[1] == "hymba":
+        assert "1,545,633,024" in out, out
+    elif args[0] == "layout" and args[1].startswith("(A|M)"):
+        assert "backbone layers: 32, shared invocations: 0" in out and "layer 31: (A|M)+F" in out, out
     elif args[0] == "layout":
         assert "backbone layers: 76, shared invocations: 13" in out, out
     elif args[0] == "train" and "--cfg" in args:
