@@ -270,7 +270,8 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     points = arms.arm_points(df)
     arms_df = arms.arms_frame(df, meta)
     per_arm = bool(meta.lr_grid or meta.wd_grid) and len(arms_df) > 0
-    shown = arms.at_best(df, arms_df) if per_arm else df  # the trials behind the configurations table
+    best_trials = arms.at_best(df, arms_df)
+    shown = best_trials if per_arm else df  # the trials behind the configurations table
     settings = arms.setting_key(df) is not None and len(arms_df) > 0
     summary = summary_frame(shown)
     if settings:
@@ -291,7 +292,7 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     if arms_table is not None:
         tables.append(out_dir / "arms.csv")
         arms_df.to_csv(tables[-1], index=False)
-    scores = score.score_frame(shown, arms_df, score.all_settings(df, meta), meta) if settings else None
+    scores = score.score_frame(best_trials, arms_df, score.all_settings(df, meta), meta) if settings else None
     score_table = score.score_cells(scores, meta) if settings else None
     score_said = score.score_statements(scores, meta) if settings else []
     if settings:

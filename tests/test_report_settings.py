@@ -9,8 +9,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from analysis import StudyMeta, write_report
-from analysis.score import score_cells, score_name
+from analysis import StudyMeta, study_frame, write_report
+from analysis.arms import arms_frame, at_best
+from analysis.frames import load_study
+from analysis.score import all_settings, score_cells, score_frame, score_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -32,13 +34,13 @@ DISTRIBUTIONS = {"model.layout": CategoricalDistribution(["A+F", "M+F", "A+F:M+F
                  "trainer.seed": IntDistribution(0, 2)}
 
 
-def _settings_study(storage, name):
+def _settings_study(storage, name, lr_grid=LRS):
     """3 architectures x 3 settings (one missing) x 2 learning rates x 2 seeds, as a MAD sweep records them, plus
     a failed trial at an arm's best lr and one at another lr."""
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     for key, value in {"metric": "val/accuracy", "direction": "maximize", "kind": "ablation",
                        "group_by": ["model.layout", "variant", "optim.lr"], "arm_by": ["model.layout", "variant"],
-                       "lr_grid": LRS, "settings": {"space.variant.choices": json.dumps(SETTINGS)}}.items():
+                       "lr_grid": lr_grid, "settings": {"space.variant.choices": json.dumps(SETTINGS)}}.items():
         study.set_user_attr(key, value)
     for (layout, setting), by_lr in VALUES.items():
         for lr, values in by_lr.items():
@@ -59,7 +61,7 @@ def _settings_study(storage, name):
 @pytest.fixture(scope="module")
 def mad_report(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("mad")
-    storage = f"sqlite:///{tmp_path}/optuna.db"
+    storage = optuna.storages.InMemoryStorage()  # SQLite would take seconds to take 34 trials
     _settings_study(storage, "mad")
     return write_report(storage, "mad", out_dir=tmp_path / "report", echo=False, log_to_mlflow=False)
 
@@ -95,7 +97,7 @@ def test_arms_are_ranked_and_compared_within_each_setting(mad_report):
     assert "- compress: `model.layout=A+F` val/accuracy 0.55 [0.5, 0.6] at lr 0.001" in md
 
 
-def test_mad_score_is_the_mean_over_settings_with_a_spread_over_seeds(mad_report, tmp_path):
+def test_mad_score_is_the_mean_over_settings_with_a_spread_over_seeds(mad_report):
     score = mad_report.score
     assert score["architecture"].tolist() == ["model.layout=A+F:M+F", "model.layout=A+F", "model.layout=M+F"]
     assert score["mean"].tolist() == pytest.approx([(0.90 + 0.80 + 0.50) / 3, (0.93 + 0.35 + 0.55) / 3, 0.75])
@@ -145,3 +147,17 @@ def test_the_score_is_called_mad_score_for_the_mad_study_only(mad_report):
     assert headers[1] == "score over settings (val/loss)"
     assert "MAD score (per architecture, over settings):" in mad_report.text
     assert "best recall: `model.layout=A+F` val/accuracy 0.93 [0.9, 0.96] at lr 0.001" in mad_report.text
+
+
+def test_the_score_needs_no_lr_grid_and_counts_settings_no_trial_reached():
+    storage = optuna.storages.InMemoryStorage()
+    _settings_study(storage, "suite", lr_grid=None)  # lr varied as a plain search dimension
+    df, (_, meta) = study_frame(storage, "suite"), load_study(storage, "suite")
+    assert meta.setting_choices == SETTINGS
+    arms = arms_frame(df, meta)
+    score = score_frame(at_best(df, arms), arms, all_settings(df, meta), meta).set_index("architecture")
+    assert score.loc["model.layout=A+F", "mean"] == pytest.approx((0.93 + 0.35 + 0.55) / 3)
+    assert score.loc["model.layout=M+F", ["settings", "of"]].tolist() == [2, 3]
+    meta.setting_choices = None  # a study that records no space: the settings its trials name
+    assert all_settings(df, meta) == SETTINGS
+    assert all_settings(df.drop(columns="variant"), meta) == []
