@@ -7,10 +7,10 @@
         arms.csv       one row per arm (its best learning rate), best first; see analysis.arms
         score.csv      with task settings: one row per architecture, its mean over settings; see analysis.score
         trials.csv     one row per trial
+        *.png          the figures the data supports (see `FIGURES`)
 
 A study with task settings (a `variant` param: MAD's tasks, Zoology's sequence lengths) ranks and compares its
 arms within each setting only, and its configurations table groups rows by setting.
-        *.png          the figures the data supports (see `FIGURES`)
 """
 
 from __future__ import annotations
