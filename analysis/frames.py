@@ -6,6 +6,7 @@ only reads it. Frames carry the study's metadata in `df.attrs`, so that `summary
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 import blocks
 from hybrids.layout import Layer, parse_layout
 from search import storage as search_storage
-from search.identity import base_name, versions
+from search.identity import SETTINGS, base_name, versions
 from search.study_config import DEFAULT_STORAGE as DEFAULT_STORAGE  # re-exported by analysis
 
 ACCOUNTING = ("layout", "d_model", "n_layers", "n_invocations", "n_attention", "params_unique", "flops_per_token",
@@ -23,6 +24,7 @@ ACCOUNTING = ("layout", "d_model", "n_layers", "n_invocations", "n_attention", "
 # Long or per-trial-only attributes that a table of trials does not need (the resolved YAML is in MLflow).
 NOT_TABULATED = ("config_yaml",)
 KINDS = ("spacing", "ablation", "schedule", "generic")
+SETTING = "variant"  # the study param whose values are task settings: arms are compared within a setting only
 INTEGERS = ("d_model", "n_layers", "n_invocations", "n_attention", "params_unique", "flops_per_token", "kv_bytes",
             "state_bytes", "seed", "best_trial")
 
@@ -52,6 +54,7 @@ class StudyMeta:
     wd_grid: list[float] | None = None
     match_by: str | None = None  # params | flops | state; None: the arms are not budget-matched
     match_budget: int | None = None  # the reference configuration's budget
+    setting_choices: list | None = None  # every value of the study's `SETTING` param, from its recorded space
 
     def as_attrs(self) -> dict:
         return asdict(self)
@@ -106,8 +109,18 @@ def load_study(storage, study_name: str) -> tuple[optuna.Study, StudyMeta]:
         tracking_uri=attrs.get("tracking_uri"), uid=attrs.get("uid"),
         versions=[n for _, n in versions(opened, base_name(study_name)) if n != study_name],
         arm_by=list(attrs.get("arm_by") or []), lr_grid=attrs.get("lr_grid"), wd_grid=attrs.get("wd_grid"),
-        match_by=attrs.get("match_by"), match_budget=attrs.get("match_budget"))
+        match_by=attrs.get("match_by"), match_budget=attrs.get("match_budget"),
+        setting_choices=_choices(attrs.get(SETTINGS) or {}, SETTING))
     return study, meta
+
+
+def _choices(settings: dict, param: str) -> list | None:
+    """A param's choices from the settings a study records at creation (search.identity: JSON text)."""
+    text = settings.get(f"space.{param}.choices")
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _trial_row(trial: optuna.trial.FrozenTrial, param_names: set[str]) -> dict:

@@ -1,11 +1,16 @@
 """`write_report`: a study's tables (CSV, Markdown, terminal) and figures, logged to its MLflow parent run.
 
     runs/reports/<study>/
-        summary.md     question, metric, trial counts, best configuration, the table, the figures
-        summary.csv    one row per configuration (seeds pooled), best first
+        summary.md     question, metric, trial counts, best configuration, the tables, the figures
+        summary.csv    one row per configuration (seeds pooled), best first; with an lr (or wd) grid, one row
+                       per arm at its best grid point (every grid point: trials.csv and lr.png)
         arms.csv       one row per arm (its best learning rate), best first; see analysis.arms
+        score.csv      with task settings: one row per architecture, its mean over settings; see analysis.score
         trials.csv     one row per trial
         *.png          the figures the data supports (see `FIGURES`)
+
+A study with task settings (a `variant` param: MAD's tasks, Zoology's sequence lengths) ranks and compares its
+arms within each setting only, and its configurations table groups rows by setting.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from analysis import arms, figures
+from analysis import arms, figures, score
 from analysis.curves import trial_curves
 from analysis.frames import NOT_TABULATED, ReportError, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
@@ -62,6 +67,7 @@ class ReportResult:
         notes: anything the reader should know (e.g. why nothing was logged to MLflow).
         arms: one row per arm at its best learning rate (as in arms.csv; see analysis.arms), or None.
         statements: the report's sentences on the comparison (budget matching, grid edges, differences).
+        score: with task settings, one row per architecture over the settings (as in score.csv), or None.
     """
 
     out_dir: Path
@@ -76,6 +82,7 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)
     arms: pd.DataFrame | None = None
     statements: list[str] = field(default_factory=list)
+    score: pd.DataFrame | None = None
 
 
 def _counts(df: pd.DataFrame) -> dict[str, int]:
@@ -100,16 +107,37 @@ def _best_text(best: dict | None, meta: StudyMeta) -> str:
     return f"{best['group']}: {meta.metric} {fmt_number(best['mean'])}{spread} over {seeds}{trial}"
 
 
-def _plan(meta: StudyMeta, study: optuna.Study, df: pd.DataFrame, summary: pd.DataFrame,
-          points: pd.DataFrame, arms_df: pd.DataFrame) -> dict[str, Callable]:
+def _bests(best: dict | None, arms_df: pd.DataFrame, settings: bool) -> dict[str, tuple[str, float]]:
+    """setting ("" without settings) -> (its best configuration or arm, its mean): what MLflow records."""
+    if settings:
+        return {r["setting"]: (r["architecture"], r["mean"]) for _, r in arms.best_per_setting(arms_df).iterrows()}
+    return {} if best is None else {"": (str(best["group"]), best["mean"])}
+
+
+def _best_per_setting(arms_df: pd.DataFrame, meta: StudyMeta) -> list[str]:
+    return [f"{r['setting']}: `{r['architecture']}` {meta.metric} {fmt_number(r['mean'])} "
+            f"[{fmt_number(r['min'], 3)}, {fmt_number(r['max'], 3)}] at lr {fmt_number(r['best_lr'], 3)}"
+            for _, r in arms.best_per_setting(arms_df).iterrows()]
+
+
+def _not_across_settings(path: Path) -> Path:
+    raise figures.FigureSkipped("its points would mix task settings, whose values do not compare with one another")
+
+
+def _plan(meta: StudyMeta, study: optuna.Study, df: pd.DataFrame, shown: pd.DataFrame, summary: pd.DataFrame,
+          points: pd.DataFrame, arms_df: pd.DataFrame, settings: bool) -> dict[str, Callable]:
+    """Draw functions by figure name; `shown` (the trials behind `summary`) for the figures of configurations,
+    `df` (every trial) for those of learning rates and importance."""
     draw = {
         "lr": lambda path: arms.lr_figure(points, arms_df, meta, path),
-        "spacing": lambda path: figures.spacing(df, summary, meta, path),
-        "ablation": lambda path: figures.ablation(df, summary, meta, path),
-        "curves": lambda path: figures.curves(df, summary, meta, trial_curves(df), path),
+        "spacing": lambda path: figures.spacing(shown, summary, meta, path),
+        "ablation": lambda path: figures.ablation(shown, summary, meta, path),
+        "curves": lambda path: figures.curves(shown, summary, meta, trial_curves(shown), path),
         "importance": lambda path: figures.importance(study, df, meta, path),
-        "pareto": lambda path: figures.pareto(df, summary, meta, path),
+        "pareto": lambda path: figures.pareto(shown, summary, meta, path),
     }
+    if settings:
+        draw.update(spacing=_not_across_settings, pareto=_not_across_settings)
     return {name: draw[name] for name in PLANS[meta.kind]}
 
 
@@ -136,17 +164,21 @@ def _failures(df: pd.DataFrame) -> list[str]:
             for n, config, reason in zip(failed["number"], failed["config"], reasons, strict=True)]
 
 
-def _markdown(meta: StudyMeta, counts: dict, best: dict | None, table: str, drawn: dict, skipped: dict,
-              failures: list[str], arms_md: list[str]) -> str:
+def _configurations_text(per_arm: bool, settings: bool) -> str:
+    rows = ("One row per arm at its best learning rate (every learning rate: trials.csv and lr.png)" if per_arm
+            else "One row per configuration")
+    order = "grouped by setting, best mean first within each" if settings else "best mean first"
+    return f"{rows}, {order}; mean ± std (sample std) over the seeds' complete trials."
+
+
+def _markdown(meta: StudyMeta, counts: dict, best_md: list[str], table: list[str], drawn: dict, skipped: dict,
+              failures: list[str], comparison_md: list[str], csvs: list[str]) -> str:
     lines = [f"# Study report: {meta.name}", ""]
     if meta.question:
         lines += [f"**Question:** {meta.question}", ""]
     lines += [f"**Metric:** `{meta.metric}` ({meta.direction}) · kind: {meta.kind} · storage: `{meta.storage}`", "",
               f"**Trials:** {_counts_text(counts)} ({sum(counts.values())} total)", "",
-              f"**Best configuration:** {_best_text(best, meta)}", "", *arms_md,
-              "## Configurations", "",
-              "One row per configuration, best mean first; mean ± std (sample std) over the seeds' complete trials.",
-              "", table, ""]
+              *best_md, *comparison_md, "## Configurations", "", *table, ""]
     if drawn:
         lines += ["## Figures", ""]
         for name, path in drawn.items():
@@ -157,12 +189,14 @@ def _markdown(meta: StudyMeta, counts: dict, best: dict | None, table: str, draw
         lines += ["## Figures not drawn", ""]
         lines += [f"- {FIGURES[name][1]} ({FIGURES[name][0]}): {why}" for name, why in skipped.items()]
         lines.append("")
-    lines += ["Files: summary.csv (per configuration), trials.csv (per trial)."]
+    lines += [f"Files: {', '.join(csvs)} (see analysis/report.py)."]
     return "\n".join(lines) + "\n"
 
 
-def _log_to_mlflow(meta: StudyMeta, files: list[Path], best: dict | None) -> tuple[str | None, str | None]:
-    """Log the report's files under "report/" of the study's parent run; returns (run id, note)."""
+def _log_to_mlflow(meta: StudyMeta, files: list[Path], bests: dict[str, tuple[str, float]]) \
+        -> tuple[str | None, str | None]:
+    """Log the report's files under "report/" of the study's parent run, and each setting's best (see `_bests`)
+    as metric best/<metric>[/<setting>] and tag report.best_configuration[.<setting>]; returns (run id, note)."""
     run_id, uri = meta.mlflow_parent_run_id, meta.tracking_uri
     if not run_id or not uri:
         return None, "not logged to MLflow: the study records no mlflow_parent_run_id / tracking_uri"
@@ -176,9 +210,9 @@ def _log_to_mlflow(meta: StudyMeta, files: list[Path], best: dict | None) -> tup
     try:
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path="report")
-        if best is not None:
-            client.log_metric(run_id, f"best/{meta.metric}", float(best["mean"]))
-            client.set_tag(run_id, "report.best_configuration", str(best["group"]))
+        for setting, (label, mean) in bests.items():
+            client.log_metric(run_id, f"best/{meta.metric}" + (f"/{setting}" if setting else ""), float(mean))
+            client.set_tag(run_id, "report.best_configuration" + (f".{setting}" if setting else ""), label)
     except (MlflowException, OSError) as err:
         log.warning("report: MLflow logging failed: %s", err)
         return None, f"not logged to MLflow run {run_id}: {err}"
@@ -223,7 +257,8 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
             same-named study in another storage never overwrites it). A folder that holds another study's
             report is refused.
         log_to_mlflow: log every file under "report/" of the parent run, and the best mean as metric
-            "best/<metric>", when the study records mlflow_parent_run_id and tracking_uri.
+            "best/<metric>" (with task settings, each setting's as "best/<metric>/<setting>"), when the study
+            records mlflow_parent_run_id and tracking_uri.
         echo: print the terminal table.
     Returns:
         A `ReportResult`: the files written, the figures drawn or skipped (with why) and the terminal text.
@@ -232,7 +267,15 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     """
     study, meta = load_study(storage, study_name)
     df = trials_frame(study, meta)
-    summary = summary_frame(df)
+    points = arms.arm_points(df)
+    arms_df = arms.arms_frame(df, meta)
+    per_arm = bool(meta.lr_grid or meta.wd_grid) and len(arms_df) > 0
+    best_trials = arms.at_best(df, arms_df)
+    shown = best_trials if per_arm else df  # the trials behind the configurations table
+    settings = arms.setting_key(df) is not None and len(arms_df) > 0
+    summary = summary_frame(shown)
+    if settings:
+        summary = arms.by_setting(summary, arms_df)
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / _folder(meta)
     check_writable(out_dir, "report folder")
     out_dir = _claim(out_dir, meta)
@@ -244,33 +287,54 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     scored = summary[summary["n"] > 0] if len(summary) else summary
     best = scored.iloc[0].to_dict() if len(scored) else None
     headers, rows, numeric = table_cells(summary, meta.metric)
-    points = arms.arm_points(df)
-    arms_df = arms.arms_frame(df, meta)
     said = arms.statements(arms_df, meta) if len(arms_df) else []
     arms_table = arms.arms_cells(arms_df, meta) if len(arms_df) else None
     if arms_table is not None:
         tables.append(out_dir / "arms.csv")
         arms_df.to_csv(tables[-1], index=False)
-    drawn, skipped = _draw(_plan(meta, study, df, summary, points, arms_df), out_dir)
-    arms_md = [] if arms_table is None else [
+    scores = score.score_frame(best_trials, arms_df, score.all_settings(df, meta), meta) if settings else None
+    score_table = score.score_cells(scores, meta) if settings else None
+    score_said = score.score_statements(scores, meta) if settings else []
+    if settings:
+        tables.append(out_dir / "score.csv")
+        scores.to_csv(tables[-1], index=False)
+    drawn, skipped = _draw(_plan(meta, study, df, shown, summary, points, arms_df, settings), out_dir)
+    comparison_md = [] if arms_table is None else [
         "## Arms", "", "Each arm at its best learning rate: the mean over seeds there, and the range (min to max) "
-        "over those seeds, the spread used to call two arms different (see analysis/arms.py).", "",
+        "over those seeds, the spread used to call two arms different (see analysis/arms.py)"
+        + ("; ranked and compared within each setting only." if settings else "."), "",
         markdown_table(*arms_table), "", *(f"- {line}" for line in said), ""]
-    markdown = _markdown(meta, counts, best, markdown_table(headers, rows, numeric), drawn, skipped,
-                         _failures(df), arms_md)
+    if score_table is not None:
+        comparison_md += [
+            f"## {score.score_name(meta)[0].upper()}{score.score_name(meta)[1:]}", "",
+            "One row per architecture (an arm without its setting): the mean over settings of its value at each "
+            "setting's best learning rate. Range over seeds: a seed's score is the mean over settings of its "
+            "values at those learning rates. A score over k of n settings is partial (see analysis/score.py).", "",
+            markdown_table(*score_table), "", *(f"- {line}" for line in score_said), ""]
+    best_md = ["**Best arm per setting** (settings are not compared with one another):", "",
+               *(f"- {line}" for line in _best_per_setting(arms_df, meta)), ""] if settings else \
+        [f"**Best configuration:** {_best_text(best, meta)}", ""]
+    table_md = [_configurations_text(per_arm, settings), "", markdown_table(headers, rows, numeric)]
+    markdown = _markdown(meta, counts, best_md, table_md, drawn, skipped, _failures(df), comparison_md,
+                         [path.name for path in tables if path.suffix == ".csv"])
     tables[2].write_text(markdown)
     files = [*tables, *drawn.values()]
 
     notes = []
     run_id = None
     if log_to_mlflow:
-        run_id, note = _log_to_mlflow(meta, files, best)
+        run_id, note = _log_to_mlflow(meta, files, _bests(best, arms_df, settings))
         notes += [note] if note else []
     lines = [f"{meta.name}" + (f" - {meta.question}" if meta.question else ""),
-             f"metric {meta.metric} ({meta.direction}); trials: {_counts_text(counts)}",
-             f"best: {_best_text(best, meta)}", "", text_table(headers, rows, numeric), ""]
+             f"metric {meta.metric} ({meta.direction}); trials: {_counts_text(counts)}"]
+    lines += [f"best {line}" for line in _best_per_setting(arms_df, meta)] if settings else \
+        [f"best: {_best_text(best, meta)}"]
+    lines += ["", text_table(headers, rows, numeric), ""]
     if arms_table is not None:
         lines += ["arms (each at its best learning rate):", text_table(*arms_table), *said, ""]
+    if score_table is not None:
+        lines += [f"{score.score_name(meta)} (per architecture, over settings):", text_table(*score_table),
+                  *score_said, ""]
     lines += [f"figures: {', '.join(p.name for p in drawn.values()) or 'none'}"]
     lines += [f"skipped {FIGURES[name][0]}: {why}" for name, why in skipped.items()]
     lines += [f"report: {out_dir}/" + (f"  (logged to MLflow run {run_id} under report/)" if run_id else "")]
@@ -282,4 +346,4 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     if echo:
         print(text)
     return ReportResult(out_dir, files, drawn, skipped, text, markdown, summary, best, run_id, notes,
-                        arms_df if arms_table is not None else None, said)
+                        arms_df if arms_table is not None else None, said, scores)

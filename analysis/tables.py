@@ -61,17 +61,22 @@ def table_cells(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[lis
     """The summary's headers, cells (one row per configuration, best first) and which columns are numeric.
 
     Args:
-        summary: a `summary_frame`.
+        summary: a `summary_frame`; with a "setting" column (task settings, see analysis.arms), its rows
+            grouped by setting, best first within each: the rank counts within the setting.
         metric: the objective's name, for its column header.
     """
     has = summary.columns
     show_layout = "layout" in has and any(  # a label "layout=6M:A*" already says it
         str(g) not in (str(layout), f"layout={layout}")
         for g, layout in zip(summary["group"], summary["layout"], strict=True))
+    settings = summary["setting"] if "setting" in has else pd.Series("", index=summary.index)
+    ranks = settings.groupby(settings, sort=False).cumcount() + 1
     columns: list[tuple[str, bool, object]] = [
-        ("rank", True, lambda i, r: str(i + 1) if not is_missing(r.get("mean")) else "-"),
+        ("rank", True, lambda i, r: str(ranks.iloc[i]) if not is_missing(r.get("mean")) else "-"),
         ("configuration", False, lambda i, r: str(r["group"])),
     ]
+    if "setting" in has:
+        columns.insert(0, ("setting", False, lambda i, r: str(r["setting"])))
     if show_layout:
         columns.append(("layout", False, lambda i, r: "-" if is_missing(r["layout"]) else str(r["layout"])))
     if "n_invocations" in has:
@@ -104,7 +109,7 @@ def markdown_table(headers: list[str], rows: list[list[str]], numeric: list[bool
     """A GitHub-flavoured Markdown table; text columns (configurations, arms, layouts) as code, so that "A*" stays."""
     lines = ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
              "|" + "|".join("---:" if num else ":---" for num in numeric) + "|"]
-    code = [h in ("configuration", "layout", "arm") for h in headers]
+    code = [h in ("configuration", "layout", "arm", "architecture") for h in headers]
     lines += ["| " + " | ".join(_md_cell(c, k) for c, k in zip(row, code, strict=True)) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -207,6 +207,11 @@ def test_report_keeps_each_arms_best_lr_and_says_what_follows(tmp_path):
     assert result.figures["lr"].stat().st_size > 5000 and "lr" not in result.skipped
     csv = pd.read_csv(tmp_path / "report" / "arms.csv")
     assert csv["arm"].tolist() == ["layout=2M:A*", "layout=A+F", "layout=M"]
+    # the configurations table: one row per arm at its best lr, not one per (arm, lr)
+    assert result.summary["group"].tolist() == ["layout=2M:A*, lr=0.01", "layout=A+F, lr=0.001", "layout=M, lr=0.003"]
+    assert "One row per arm at its best learning rate (every learning rate: trials.csv and lr.png), best mean " \
+           "first;" in result.markdown
+    assert "| 3 | `layout=M, lr=0.003` | `M` |" in result.markdown
 
 
 def test_report_says_when_arms_are_not_budget_matched_or_have_one_seed(tmp_path):
