@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: the attention-spacing study at tiny scale (4 matched arms x 2 learning rates x 2 seeds), then its report.
+# The main job: the attention-spacing study at tiny scale (4 matched arms x 3 learning rates x 2 seeds) on two
+# local workers (one per core; they share a journal file), then its report.
 demo: setup
-	$(VENV)/bin/hybrids sweep study=attention-spacing
-	$(VENV)/bin/hybrids report study=attention-spacing
+	$(VENV)/bin/hybrids sweep study=attention-spacing workers=2
+	$(VENV)/bin/hybrids report study=attention-spacing storage=journal:runs/optuna.journal
 
 test: setup
 	$(VENV)/bin/ruff check blocks hybrids search analysis recipes tests benchmarks
