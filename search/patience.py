@@ -13,6 +13,8 @@ trial whose beats could not land during the outage is never failed right after i
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 import threading
 import time
@@ -23,6 +25,18 @@ from sqlalchemy import exc as sa_exc
 from blocks import ConfigError
 
 _UNREACHABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.PendingRollbackError)
+_BACKGROUND = re.compile(r"\s*\(Background on this error at: [^)]*\)")
+
+
+class _NoFallbackLog(logging.Filter):
+    """Optuna logs a dropped connection while it reads trials as a SQL dump and "Falling back to a slower
+    alternative" (its fallback for too many query variables); the outage is said in our own line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Caught an error from sqlalchemy")
+
+
+_NO_FALLBACK_LOG = _NoFallbackLog()
 
 
 def unreachable(err: BaseException) -> str | None:
@@ -31,7 +45,7 @@ def unreachable(err: BaseException) -> str | None:
     seen = err
     while seen is not None:
         if isinstance(seen, _UNREACHABLE) or getattr(seen, "connection_invalidated", False):
-            text = str(getattr(seen, "orig", None) or seen).strip()
+            text = _BACKGROUND.sub("", str(getattr(seen, "orig", None) or seen)).strip()
             return text.splitlines()[0] if text else type(seen).__name__
         seen = seen.__cause__ or seen.__context__
     return None
@@ -49,6 +63,7 @@ class PatientStorage(BaseStorage):
         self._down_since: float | None = None
         self._said = 0.0
         self._lock = threading.Lock()
+        logging.getLogger("optuna.storages._rdb.storage").addFilter(_NO_FALLBACK_LOG)
 
     def call(self, name: str, *args, **kwargs):
         while True:

@@ -38,20 +38,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.JournalStorage(backend)
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return PatientStorage(optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), _shown(url))
+        return PatientStorage(optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), shown(url))
     except ImportError:  # SQLAlchemy imports the URL's driver only now (Optuna rewords the error)
         scheme = url.partition(":")[0]
         install = ("pip install 'hybrids[postgres]' (psycopg 3, the default driver of postgresql:// URLs from "
                    "SQLAlchemy 2.1)") if scheme.startswith("postgres") else \
             f"pip install the SQLAlchemy driver for {scheme}"
-        raise ConfigError(f"cannot open study storage {_shown(url)!r}: no database driver for {scheme} is installed; "
+        raise ConfigError(f"cannot open study storage {shown(url)!r}: no database driver for {scheme} is installed; "
                           f"{install}") from None
     except Exception as err:  # SQLAlchemy / driver errors: unreachable server, bad URL
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot open study storage {_shown(url)!r}: {first}") from None
+        raise ConfigError(f"cannot open study storage {shown(url)!r}: {first}") from None
 
 
-def _shown(url: str) -> str:
+def shown(url: str) -> str:
     """The URL as messages show it: an RDB URL's password as ***."""
     if url.startswith(("journal:", "sqlite:")):
         return url
