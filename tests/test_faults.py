@@ -1,8 +1,7 @@
 """A sweep that loses nothing (issue 11): 3 workers x 12 grid trials with one worker SIGKILLed and one SIGTERMed
 mid-trial, on the journal file and on PostgreSQL; and the PostgreSQL server stopped and restarted under a sweep.
 
-PostgreSQL tests need HYBRIDS_TEST_POSTGRES (a server URL; `.ci/postgres start` prints it) and are skipped without
-it, unless HYBRIDS_REQUIRE_POSTGRES=1 (CI), where they fail instead.
+PostgreSQL tests use conftest's `postgres` fixture: skipped without a server unless CI requires one.
 """
 
 import csv
@@ -11,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -46,32 +44,6 @@ train:
   - trainer.log_every=1
   - schedule.warmup_steps=1
 """
-
-
-def _postgres_url() -> str:
-    url = os.environ.get("HYBRIDS_TEST_POSTGRES")
-    if not url:
-        if os.environ.get("HYBRIDS_REQUIRE_POSTGRES") == "1":
-            pytest.fail("HYBRIDS_REQUIRE_POSTGRES=1 but HYBRIDS_TEST_POSTGRES is unset (`.ci/postgres start` sets it)")
-        pytest.skip("no PostgreSQL server: set HYBRIDS_TEST_POSTGRES (eval \"$(.ci/postgres start)\")")
-    return url
-
-
-@pytest.fixture
-def postgres():
-    """A fresh database on the test server, dropped afterwards: its URL."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    server = make_url(_postgres_url())
-    name = f"hybrids_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # outlives a restart
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 @pytest.fixture(params=["journal", "postgres"])
