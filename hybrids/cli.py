@@ -93,11 +93,12 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from search.objective import TrialInterrupted
     from search.runner import run_study
+    from search.storage import shown
     from search.study_config import DEFAULT_STORAGE, load_study
 
     config, extra_train = load_study(args.overrides)
     print(f"study {config.name}: {config.n_trials} trials, {config.sampler} sampler, "
-          f"storage {config.resolved_storage()}")
+          f"storage {shown(config.resolved_storage())}")
     try:
         result = run_study(config, extra_train)
     except TrialInterrupted as err:

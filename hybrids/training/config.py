@@ -21,6 +21,7 @@ from hybrids.training.schedules import ScheduleConfig
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # what Lightning's Trainer accepts on one device
+STRATEGIES = ("auto", "ddp", "fsdp")  # Lightning's names: auto = one device, else DDP
 
 
 def _number(value) -> bool:
@@ -56,6 +57,9 @@ class TrainerConfig:
     log_every: int = 10
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"
+    devices: int = 1  # processes per node (GPUs, or CPU processes); batch_size is the global batch over all
+    strategy: str = "auto"
+    num_nodes: int = 1  # machines; torchrun or SLURM starts the processes (Lightning's environments)
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
     seed: int = 0
     progress_bar: bool = True  # in a terminal; elsewhere (or false) plain lines every progress_every_s seconds
@@ -67,9 +71,15 @@ class TrainerConfig:
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, "
                               f"got {self.accelerator!r}")
-        for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every"):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every", "devices",
+                    "num_nodes"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.batch_size % (self.devices * self.num_nodes):
+            raise ConfigError(f"trainer.batch_size = {self.batch_size} (the global batch) must be a multiple of "
+                              f"trainer.devices x trainer.num_nodes = {self.devices * self.num_nodes}")
 
 
 @dataclass
@@ -152,12 +162,14 @@ def to_yaml(config: TrainConfig) -> str:
 
 
 DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
+# where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
+PLACEMENT = ("devices", "strategy", "num_nodes")
 
 
 def scored(data: dict) -> dict:
     """A resolved config without what does not change a run's result (where it logs, how it is named)."""
     data = {k: v for k, v in data.items() if k not in ("tracking", "run")}
-    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in DISPLAY_ONLY}
+    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in (*DISPLAY_ONLY, *PLACEMENT)}
     return data
 
 
@@ -166,8 +178,8 @@ def run_name(config: TrainConfig) -> str:
     if config.run.name:
         return config.run.name
     data = to_dict(config)
-    for display_only in DISPLAY_ONLY:
-        data["trainer"].pop(display_only, None)
+    for unscored in (*DISPLAY_ONLY, *PLACEMENT):
+        data["trainer"].pop(unscored, None)
     data.pop("tracking", None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.model.name or 'model'}-{config.task['name']}-{digest}"

@@ -1,7 +1,9 @@
 """From a task config to batches: synthetic tasks, LM text, and the two-phase mix of both phases.
 
 Every batch is a pure function of (config, split, index): the trainer asks for batch `global_step`,
-so a resumed run sees exactly the data an uninterrupted run would have seen.
+so a resumed run sees exactly the data an uninterrupted run would have seen. With several processes
+(DDP, FSDP) every rank builds the same global batch and trains on its own slice (`rank_slice`), so a run on
+any number of GPUs sees the same data at each step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ def _expand(source: str, stdlib_glob: str) -> str:
     if source.startswith("stdlib/"):
         return stdlib_glob.replace("**/*.py", source.removeprefix("stdlib/") + "/**/*.py")
     return source
+
+
+def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank `rank`'s share of a global batch of B examples: rows [rank * B / W, (rank + 1) * B / W).
+
+    Args:
+        batch: the global batch, input_ids and targets (B, L), extra tensors (B, ...).
+        rank, world_size: this process's global rank and the number of processes W; W must divide B.
+    Returns:
+        A Batch of B / W examples (views, no copies); the ranks' slices, in rank order, make up the batch.
+    """
+    size = batch.input_ids.shape[0]
+    if size % world_size:
+        raise ConfigError(f"trainer.batch_size = {size} (the global batch) must be a multiple of the number of "
+                          f"processes ({world_size} = trainer.devices x trainer.num_nodes)")
+    if world_size == 1:
+        return batch
+    per = size // world_size
+    rows = slice(rank * per, (rank + 1) * per)
+    return Batch(batch.input_ids[rows], batch.targets[rows], {k: v[rows] for k, v in batch.extra.items()})
 
 
 class MixedTask(Task):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from hybrids.model import HybridLM
 from hybrids.training.config import TrainConfig
+from hybrids.training.data import rank_slice
 from hybrids.training.schedules import Schedule
 from hybrids.training.tasks import Batch, Task
 
@@ -44,6 +45,8 @@ class LitHybrid(L.LightningModule):
         return DataLoader(range(self.config.trainer.val_batches), batch_size=None)
 
     def _to_device(self, batch: Batch) -> Batch:
+        """This process's slice of a global batch (all of it in a one-process run), on the module's device."""
+        batch = rank_slice(batch, self.global_rank, self.trainer.world_size)
         extra = {k: v.to(self.device) for k, v in batch.extra.items()}
         return Batch(batch.input_ids.to(self.device), batch.targets.to(self.device), extra)
 
@@ -67,7 +70,7 @@ class LitHybrid(L.LightningModule):
             self.trainer.should_stop = True
             return None
         metrics = self.task.metrics(logits.detach(), batch)
-        tokens = batch.input_ids.numel()
+        tokens = batch.input_ids.numel() * self.trainer.world_size  # of the global batch
         size = batch.input_ids.shape[0]
         self.log_dict({"train/loss": loss.detach(), "train/accuracy": metrics["accuracy"]}, on_step=True,
                       prog_bar=True, batch_size=size)
@@ -93,7 +96,8 @@ class LitHybrid(L.LightningModule):
         batch = self._to_device(self.task.batch(int(index), self.config.trainer.batch_size, "val"))
         logits, loss = self._loss(batch)
         metrics = {f"val/{k}": v for k, v in self.task.metrics(logits, batch).items() if math.isfinite(float(v))}
-        self.log_dict({"val/loss": loss, **metrics}, on_epoch=True, batch_size=batch.input_ids.shape[0])
+        self.log_dict({"val/loss": loss, **metrics}, on_epoch=True, batch_size=batch.input_ids.shape[0],
+                      sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         o = self.config.optim

@@ -10,6 +10,7 @@ A broken last.ckpt is set aside and the run resumes from the newest intact check
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +51,25 @@ def _precision(config: TrainConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "32-true"
 
 
+def check_devices(config: TrainConfig) -> None:
+    """This machine must have the `trainer.devices` a run asks for (GPUs; CPU cores for CPU processes).
+
+    Raises:
+        ConfigError: one line naming what the machine has, before anything is written.
+    """
+    t = config.trainer
+    gpus = torch.cuda.device_count()
+    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus):
+        have, what = gpus, "CUDA GPU(s)"
+    elif t.accelerator == "mps":
+        have, what = int(torch.backends.mps.is_available()), "MPS device(s)"
+    else:
+        have, what = os.cpu_count() or 1, "CPU core(s) (one process each)"
+    if t.devices > have:
+        raise ConfigError(f"trainer.devices = {t.devices} but this machine has {have} {what}; "
+                          f"set trainer.devices={max(have, 1)} or fewer")
+
+
 def check_vocab(config: TrainConfig, task) -> None:
     """The model's vocabulary must hold every token id the task generates."""
     if config.model.vocab_size < task.vocab_size:
@@ -86,6 +106,7 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     if not isinstance(config, TrainConfig):
         config = compose(list(config))
     L.seed_everything(config.trainer.seed, verbose=False)
+    check_devices(config)
     module, run_dir = prepare(config)
     _check_same_run(run_dir, config)
     ckpt_dir = run_dir / "checkpoints"
@@ -117,7 +138,8 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
         max_steps=config.trainer.max_steps, val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None,
         limit_val_batches=config.trainer.val_batches, num_sanity_val_steps=0,
         gradient_clip_val=config.optim.grad_clip or None, precision=_precision(config),
-        accelerator=config.trainer.accelerator, devices=1, logger=loggers,
+        accelerator=config.trainer.accelerator, devices=config.trainer.devices, strategy=config.trainer.strategy,
+        num_nodes=config.trainer.num_nodes, use_distributed_sampler=False, logger=loggers,
         callbacks=[last, best, *progress, *(callbacks or [])], log_every_n_steps=config.trainer.log_every,
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
     )
