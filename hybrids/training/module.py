@@ -44,11 +44,10 @@ class LitHybrid(L.LightningModule):
         return DataLoader(range(self.config.trainer.val_batches), batch_size=None)
 
     def _to_device(self, batch: Batch) -> Batch:
-        extra = {k: v.to(self.device) for k, v in batch.extra.items()}
-        return Batch(batch.input_ids.to(self.device), batch.targets.to(self.device), extra)
+        return batch.to(self.device)
 
     def _loss(self, batch: Batch):
-        logits = self.backbone(batch.input_ids)
+        logits = self.backbone(batch.input_ids, doc_ids=batch.doc_ids)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100)
         return logits, loss
 
