@@ -5,6 +5,8 @@ in 2 * d_model (residual stream concatenated with the embeddings) and projects b
 With `window` each query sees only its last `window` keys (itself included) and the generation cache
 keeps only those (`SlidingKVCache`). "W" is that form with a window by default, so that one layout
 can mix full and sliding-window layers (Hymba, Samba); see `blocks.sliding_attention`.
+With document ids (`blocks.ops.documents`) attention is document-causal: a query sees only earlier keys of
+its own document (a block-diagonal causal mask), and RoPE positions restart at every document.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from blocks.base import Block, BlockConfig, KVCache, SlidingKVCache, check, linear_flops, project
+from blocks.ops.documents import positions, segments
 from blocks.ops.window import sliding_window_attention
 from blocks.registry import register
 
@@ -57,9 +60,9 @@ class AttentionConfig(BlockConfig):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """Llama-style rotary tables for integer positions (T,) -> cos, sin of shape (T, head_dim), fp32."""
+    """Llama-style rotary tables for integer positions (..., T) -> cos, sin of shape (..., T, head_dim), fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -81,11 +84,13 @@ class Attention(Block):
         self.v_proj = nn.Linear(c.d_input, c.n_kv_heads * c.v_head_dim, bias=c.bias)
         self.o_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, qkv_delta=None, **context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, qkv_delta=None,
+                doc_ids: torch.Tensor | None = None, **context) -> torch.Tensor:
         """x: (B, T, d_input) -> (B, T, d_model), or (B, T, d_inner) without out_proj.
 
         qkv_delta: optional additive (q, k, v) projections (per-invocation LoRA). With a cache, the T new
-        positions follow the cache's filled ones and are appended to it.
+        positions follow the cache's filled ones and are appended to it. doc_ids: (B, T) document ids (no
+        cache): document-causal attention, RoPE positions counted within each document.
         """
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -97,13 +102,18 @@ class Attention(Block):
         start = cache.length if cache is not None else 0
         new = x.shape[1]
         if c.rope:
-            cos, sin = rope_cos_sin(torch.arange(start, start + new, device=x.device), c.head_dim, c.rope_theta)
+            pos = torch.arange(start, start + new, device=x.device) if doc_ids is None else positions(doc_ids)[:, None]
+            cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # the new queries are the last `new` positions of k and v
         gqa = c.n_kv_heads != c.n_heads
         if c.window is not None:
-            y = sliding_window_attention(q, k, v, c.window, scale=c.softmax_scale, enable_gqa=gqa)
+            y = sliding_window_attention(q, k, v, c.window, scale=c.softmax_scale, enable_gqa=gqa, doc_ids=doc_ids)
+        elif doc_ids is not None:
+            seg = segments(doc_ids)
+            mask = (seg[:, None, :, None] == seg[:, None, None, :]).tril()  # (B, 1, T, T), block-diagonal causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale, enable_gqa=gqa)
         else:
             mask = None
             if start and new > 1:  # new positions see all cached ones and the causal part of their own block

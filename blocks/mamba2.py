@@ -99,18 +99,21 @@ class Mamba2(Block):
         return (x.unflatten(-1, (c.n_heads, c.headdim)), B.unflatten(-1, (c.ngroups, c.d_state)),
                 C.unflatten(-1, (c.ngroups, c.d_state)))
 
-    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, **context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, doc_ids: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
+        """x: (B, L, d_model) -> (B, L, d_model); doc_ids (B, L): conv and SSD reset at document starts."""
         c = self.config
         z, xbc, dt = self._split(self.in_proj(x))
         xbc = rearrange(xbc, "b l d -> b d l")
         if cache is not None:
             cache.conv.copy_(ops.conv_state_from(xbc, c.d_conv))
-        xbc = ops.causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend=c.backend)
+        xbc = ops.causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend=c.backend,
+                                doc_ids=doc_ids)
         xs, B, C = self._scan_inputs(rearrange(xbc, "b d l -> b l d"))
         A = -torch.exp(upcast(self.A_log))
         y = ops.ssd(xs, dt, A, B, C, c.chunk_size, D=upcast(self.D), dt_bias=upcast(self.dt_bias),
                     dt_softplus=True, return_final_states=cache is not None, dt_limit=c.dt_limit,
-                    backend=c.backend)
+                    backend=c.backend, doc_ids=doc_ids)
         if cache is not None:
             y, state = y
             cache.ssm.copy_(state)

@@ -89,7 +89,8 @@ class SharedAttention(Block):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, *, emb: torch.Tensor | None = None,
                 invocation: int = 0, **context) -> torch.Tensor:
-        """x: (B, T, d_model) residual stream; emb: (B, T, d_model) original embeddings (if concat)."""
+        """x: (B, T, d_model) residual stream; emb: (B, T, d_model) original embeddings (if concat); context
+        (doc_ids) goes to the attention."""
         c = self.config
         check(0 <= invocation < c.n_invocations,
               f"shared block: invocation {invocation} out of range 0..{c.n_invocations - 1}")
@@ -99,7 +100,7 @@ class SharedAttention(Block):
             x = torch.cat([x, emb], dim=-1)
         h = self.input_norm(x)
         qkv_delta = [adapter(h) for adapter in inv.qkv_lora] if inv.qkv_lora is not None else None
-        h = self.pre_ff_norm(self.attn(h, cache, qkv_delta=qkv_delta))
+        h = self.pre_ff_norm(self.attn(h, cache, qkv_delta=qkv_delta, **context))
         h = self.mlp(h, up_delta=inv.mlp_lora(h) if inv.mlp_lora is not None else None)
         return inv.out_proj(h) if inv.out_proj is not None else h
 

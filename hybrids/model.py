@@ -38,13 +38,14 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(d_model, eps) if mlp is not None else None
         self.mlp = mlp
 
-    def forward(self, x, inject=None, cache: Cache | None = None, step: bool = False):
+    def forward(self, x, inject=None, cache: Cache | None = None, step: bool = False, **context):
+        """context (doc_ids) goes to the blocks' forward."""
         if self.mixer is not None:
             h = self.mixer_norm(x if inject is None else x + inject)
-            x = x + (self.mixer.step(h, cache) if step else self.mixer(h, cache))
+            x = x + (self.mixer.step(h, cache) if step else self.mixer(h, cache, **context))
             inject = None
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x if inject is None else x + inject))
+            x = x + self.mlp(self.mlp_norm(x if inject is None else x + inject), **context)
         return x
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None):
@@ -148,22 +149,33 @@ class HybridLM(nn.Module):
             return self._layer(None, symbol)
         return self._layer(symbol, None)
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, step: bool = False) -> torch.Tensor:
-        """input_ids: (B, T) -> logits (B, T, vocab). With a cache: prefill (step=False) or one step."""
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, step: bool = False,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) -> logits (B, T, vocab). With a cache: prefill (step=False) or one step.
+
+        doc_ids: (B, T) int document ids of packed rows (`blocks.ops.documents`), or None for one document per
+        row. Every block gets them and every mixer resets at a document start, so each document's logits are
+        those it gets alone. Generation (a cache's prefill and steps) serves one document per row: doc_ids with
+        a cache is an error.
+        """
+        if doc_ids is not None and (cache is not None or doc_ids.shape != input_ids.shape):
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match input_ids {tuple(input_ids.shape)} and "
+                             "come without a cache (generation runs one document per row)")
+        context = {} if doc_ids is None else {"doc_ids": doc_ids}
         x = self.embed(input_ids)
         emb, pending = x, None
         for i, entry in enumerate(self.plan):
             c = cache.items[i] if cache is not None else None
             if entry[0] == "shared":
                 block = self.shared[entry[1]]
-                out = (block.step if step else block)(x, c, emb=emb, invocation=entry[2])
+                out = (block.step if step else block)(x, c, emb=emb, invocation=entry[2], **context)
                 if self.config.inject == "residual":
                     x = x + out
                 else:
                     pending = out if pending is None else pending + out
                 continue
             layer = self.layers[entry[1]] if entry[0] == "layer" else self.shared[entry[1]]
-            x, pending = layer(x, pending, c, step), None
+            x, pending = layer(x, pending, c, step, **context), None
         if pending is not None:
             x = x + pending
         if cache is not None:

@@ -1,6 +1,7 @@
 """Thin adapters over the mamba-ssm (and causal-conv1d) CUDA kernels, imported on first use.
 
-Signatures mirror the PyTorch ops in this package so `blocks.ops` can dispatch without reshaping.
+Signatures mirror the PyTorch ops in this package so `blocks.ops` can dispatch without reshaping. Document ids
+(`blocks.ops.documents`) reach the kernels that take them as `seq_idx` (int32, one label per document).
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from einops import rearrange, repeat
 
 from blocks.ops.backend import importable
 from blocks.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
+from blocks.ops.documents import segments
+
+
+def seq_idx(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels' (B, L) int32 seq_idx: the canonical segment of each token."""
+    return None if doc_ids is None else segments(doc_ids).to(torch.int32).contiguous()
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_final_state):
@@ -39,12 +46,13 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 
 
 def ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states, return_final_states,
-        dt_limit):
+        dt_limit, doc_ids=None):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     return mamba_chunk_scan_combined(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-        dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states,
+        seq_idx=seq_idx(doc_ids), dt_softplus=dt_softplus, dt_limit=dt_limit,
+        return_final_states=return_final_states,
     )
 
 
@@ -64,12 +72,14 @@ def ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     )
 
 
-def causal_conv1d(x, weight, bias, activation):
+def causal_conv1d(x, weight, bias, activation, doc_ids=None):
     if not importable("causal_conv1d"):
-        return causal_conv1d_torch(x, weight, bias, activation)
+        return causal_conv1d_torch(x, weight, bias, activation, doc_ids)
     from causal_conv1d import causal_conv1d_fn
 
-    return causal_conv1d_fn(x, weight, bias, activation=activation)
+    if doc_ids is not None and x.stride(1) != 1:  # the kernel reads seq_idx with channel-last x only
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx(doc_ids), activation=activation)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias, activation):

@@ -83,6 +83,13 @@ class TrainerConfig:
 
 
 @dataclass
+class DataConfig:
+    # LM batches carry document ids and every mixer resets at a document boundary; false lets state and
+    # attention flow from one packed document into the next (the behaviour before; itself an ablation)
+    reset_at_boundaries: bool = True
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///runs/mlflow.db"
@@ -105,6 +112,7 @@ class TrainConfig:
     task: dict[str, Any] = field(default_factory=lambda: {"name": "mqar"})
     phase2_task: dict[str, Any] | None = None  # two-phase schedule: the phase-2 ("high-quality") data
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -18,11 +18,13 @@ from hybrids.training.tasks import Batch, Task
 from hybrids.training.tasks import make_task as make_synthetic_task
 
 
-def make_task(config: dict[str, Any]) -> Task:
+def make_task(config: dict[str, Any], reset_at_boundaries: bool = True) -> Task:
     """A Task from its config dict: {"name": "mqar", ...} or {"name": "lm", "sources": [...], ...}.
 
     The source "stdlib" stands for the running Python's standard-library sources (offline real text),
-    "stdlib/<package>" for one package of it (e.g. a curated phase-2 subset).
+    "stdlib/<package>" for one package of it (e.g. a curated phase-2 subset). reset_at_boundaries
+    (`data.reset_at_boundaries`): LM batches carry document ids, so that no mixer's state crosses a document
+    boundary; synthetic tasks hold one example per row and ignore it.
     """
     options = dict(config)
     name = options.pop("name")
@@ -30,9 +32,11 @@ def make_task(config: dict[str, Any]) -> Task:
         return make_synthetic_task(name, **options)
     from hybrids.training.text import make_text_task, stdlib_source
 
+    if "reset_at_boundaries" in options:
+        raise ConfigError("reset_at_boundaries is a data setting, not a task option: set data.reset_at_boundaries")
     sources = options.pop("sources", ["stdlib"])
     sources = [_expand(s, stdlib_source()) for s in ([sources] if isinstance(sources, str) else sources)]
-    return make_text_task(sources, **options)
+    return make_text_task(sources, reset_at_boundaries=reset_at_boundaries, **options)
 
 
 def _expand(source: str, stdlib_glob: str) -> str:
@@ -61,7 +65,8 @@ def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
         return batch
     per = size // world_size
     rows = slice(rank * per, (rank + 1) * per)
-    return Batch(batch.input_ids[rows], batch.targets[rows], {k: v[rows] for k, v in batch.extra.items()})
+    doc_ids = batch.doc_ids[rows] if batch.doc_ids is not None else None
+    return Batch(batch.input_ids[rows], batch.targets[rows], {k: v[rows] for k, v in batch.extra.items()}, doc_ids)
 
 
 class MixedTask(Task):
@@ -85,7 +90,10 @@ class MixedTask(Task):
             return self.phase2.batch(index, batch_size, split)
         a, b = self.phase1.batch(index, batch_size - n2, split), self.phase2.batch(index, n2, split)
         extra = {k: torch.cat([a.extra[k], b.extra[k]]) for k in a.extra.keys() & b.extra.keys()}
-        return Batch(torch.cat([a.input_ids, b.input_ids]), torch.cat([a.targets, b.targets]), extra)
+        doc_ids = None
+        if a.doc_ids is not None or b.doc_ids is not None:  # a row without ids is one document
+            doc_ids = torch.cat([t.doc_ids if t.doc_ids is not None else torch.zeros_like(t.input_ids) for t in (a, b)])
+        return Batch(torch.cat([a.input_ids, b.input_ids]), torch.cat([a.targets, b.targets]), extra, doc_ids)
 
     def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         return self.phase1.metrics(logits, batch)

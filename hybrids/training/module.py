@@ -46,12 +46,10 @@ class LitHybrid(L.LightningModule):
 
     def _to_device(self, batch: Batch) -> Batch:
         """This process's slice of a global batch (all of it in a one-process run), on the module's device."""
-        batch = rank_slice(batch, self.global_rank, self.trainer.world_size)
-        extra = {k: v.to(self.device) for k, v in batch.extra.items()}
-        return Batch(batch.input_ids.to(self.device), batch.targets.to(self.device), extra)
+        return rank_slice(batch, self.global_rank, self.trainer.world_size).to(self.device)
 
     def _loss(self, batch: Batch):
-        logits = self.backbone(batch.input_ids)
+        logits = self.backbone(batch.input_ids, doc_ids=batch.doc_ids)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100)
         return logits, loss
 

@@ -79,12 +79,13 @@ def check_vocab(config: TrainConfig, task) -> None:
 
 def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
     """Build the data, schedule and module for `config`; checks that model and task fit together."""
-    task = make_task(config.task)
+    reset = config.data.reset_at_boundaries
+    task = make_task(config.task, reset)
     check_vocab(config, task)
     schedule = build_schedule(config.schedule, config.trainer.max_steps,
                               tokens_per_step=config.trainer.batch_size * task.seq_len)
     if config.phase2_task is not None:
-        task = MixedTask(task, make_task(config.phase2_task), schedule)
+        task = MixedTask(task, make_task(config.phase2_task, reset), schedule)
     run_dir = Path(config.run.dir) / run_name(config)
     return LitHybrid(config, task, schedule), run_dir
 
