@@ -197,3 +197,17 @@ def test_lm_eval_tasks_run_offline_from_a_task_folder(saved, tmp_path, monkeypat
     bytes_ = sum(len(r["text"].encode()) for r in rows)
     assert record["metrics"]["lm_eval/tiny_rolling/bits_per_byte"] == pytest.approx(nats / bytes_ / 0.6931471805599453,
                                                                                     rel=1e-4)
+
+
+def test_a_run_is_evaluated_with_its_own_long_copy_settings(tmp_path, one_thread):
+    from hybrids.training.config import compose
+    from hybrids.training.run import train
+
+    run = train(compose([f"run.dir={tmp_path}", "tracking.enabled=false", "model=mamba2-tiny", "model.d_model=32",
+                         "task=long_copy", "task.num_digits=4", "task.vocab_size=16", "task.distances=[8]",
+                         "trainer.batch_size=2", "trainer.max_steps=2", "trainer.val_every=100",
+                         "trainer.progress_bar=false", "schedule.warmup_steps=1"]))
+    record = evaluate([f"run={run.run_dir}", "tasks=probes", "min_len=32", "max_len=64", "n=3", "mlflow=false"])
+    assert [(r["probe"], r["seq_len"]) for r in record["probes"]] == [("long_copy", 32), ("long_copy", 64)]
+    assert record["checkpoint"] == "last" and record["out"] == str(run.run_dir / "eval")
+    assert record["probes"][0]["kv_cache_bytes"] == 0 and record["probes"][0]["state_bytes"] > 0  # pure Mamba2
