@@ -4,6 +4,7 @@
     hybrids layout "6M:A*" --depth 78  resolve a layout string, then account for a model built from it
     hybrids info zamba-7b              parameters, FLOPs per token and cache bytes of a recipe, YAML or layout
     hybrids data sample task=mqar n=8  write examples of a synthetic task to an .npz file and print a few
+    hybrids eval run=runs/train/<name>  long-context probes (and lm-eval tasks) of a run or saved model
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ def _data(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from hybrids.evaluation.runner import evaluate, table
+
+    print(table(evaluate(args.options)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrids", description="Hybrid SSM / attention model experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="tables and figures of a study: hybrids report study=attention-spacing")
     rp.add_argument("options", nargs="*", help="study=<name> [storage=URL] [out=DIR] [mlflow=false]")
     rp.set_defaults(run=_report)
+    ev = sub.add_parser("eval", help="evaluate a run or saved model: hybrids eval run=runs/train/<name> tasks=probes")
+    ev.add_argument("options", nargs="*", help="run=DIR | model=DIR, tasks=probes,<lm-eval task>,... "
+                                               "[limit=N] [min_len=64] [max_len=1024] [out=DIR] [mlflow=false] ...")
+    ev.set_defaults(run=_eval)
     web = sub.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1 only) and the optuna-dashboard command")
     ui.add_arguments(web)
     web.set_defaults(run=ui.main_ui)

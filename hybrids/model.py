@@ -182,6 +182,19 @@ class HybridLM(nn.Module):
             cache.position += input_ids.shape[1]
         return self.lm_head(self.norm(x))
 
+    def save_pretrained(self, directory, tokenizer: str | None = None):
+        """Write config.json + model.safetensors to `directory` (see hybrids.save); returns the folder."""
+        from hybrids.save import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype: torch.dtype | None = None) -> HybridLM:
+        """The model `save_pretrained` wrote to `directory`, in eval mode (see hybrids.save)."""
+        from hybrids.save import from_pretrained
+
+        return from_pretrained(directory, device, dtype)
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the blocks' auxiliary losses from the last forward (MoE load balancing), or None."""
         losses = [m.aux_loss() for m in self.modules() if isinstance(m, Block) and m.aux_loss() is not None]

@@ -21,6 +21,7 @@ from hybrids.training.tasks import make_task as make_synthetic_task
 def make_task(config: dict[str, Any], reset_at_boundaries: bool = True) -> Task:
     """A Task from its config dict: {"name": "mqar", ...} or {"name": "lm", "sources": [...], ...}.
 
+    LM sources given as mappings make a weighted mixture (see hybrids.training.corpus).
     The source "stdlib" stands for the running Python's standard-library sources (offline real text),
     "stdlib/<package>" for one package of it (e.g. a curated phase-2 subset). reset_at_boundaries
     (`data.reset_at_boundaries`): LM batches carry document ids, so that no mixer's state crosses a document
@@ -30,11 +31,14 @@ def make_task(config: dict[str, Any], reset_at_boundaries: bool = True) -> Task:
     name = options.pop("name")
     if name != "lm":
         return make_synthetic_task(name, **options)
+    from hybrids.training.corpus import is_mixture, make_mixture
     from hybrids.training.text import make_text_task, stdlib_source
 
     if "reset_at_boundaries" in options:
         raise ConfigError("reset_at_boundaries is a data setting, not a task option: set data.reset_at_boundaries")
     sources = options.pop("sources", ["stdlib"])
+    if is_mixture(sources):
+        return make_mixture(sources, options, lambda s: _expand(s, stdlib_source()))
     sources = [_expand(s, stdlib_source()) for s in ([sources] if isinstance(sources, str) else sources)]
     return make_text_task(sources, reset_at_boundaries=reset_at_boundaries, **options)
 

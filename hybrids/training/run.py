@@ -2,13 +2,15 @@
 
 The run directory (runs/train/<name>/) holds the resolved config, the layout, csv/version_N/metrics.csv
 (one per attempt), checkpoints
-(last.ckpt and best.ckpt) and, if the run stopped early, stopped.json. Running the same config again
+(last.ckpt and best.ckpt), data.json for a mixture of corpora (hybrids.training.corpus) and, if the run
+stopped early, stopped.json. Running the same config again
 resumes from last.ckpt: same data order (batches are a function of the step) and the same loss curve.
 A broken last.ckpt is set aside and the run resumes from the newest intact checkpoint (see files.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -121,6 +123,8 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
     (run_dir / "layout.txt").write_text(module.model.layout.describe() + "\n")
+    if hasattr(module.task, "record"):  # a mixture of corpora: each source, its weight and realised share
+        (run_dir / "data.json").write_text(json.dumps(module.task.record(), indent=1) + "\n")
     log.info("layout %s (%d layers, %d shared invocations)", module.model.layout, module.model.layout.n_layers,
              len(module.model.layout.invocations))
 
@@ -192,3 +196,6 @@ def _log_run_inputs(mlflow, config: TrainConfig, module: LitHybrid, run_dir: Pat
     mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "config.yaml"))
     mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "layout.txt"))
     mlflow.experiment.set_tag(mlflow.run_id, "layout", str(module.model.layout))
+    if hasattr(module.task, "record"):
+        mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "data.json"))
+        mlflow.experiment.set_tag(mlflow.run_id, "data.mixture", module.task.describe())
