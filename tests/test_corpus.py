@@ -57,6 +57,10 @@ def test_a_mixture_draws_each_source_at_its_weight_and_walks_each_sources_epochs
     # the .npy's ids come back exactly: the stream of its cache equals the file
     assert np.array_equal(tokens.read(0, 3000), np.load(sources / "ids.npy"))
     assert torch.equal(task.batch(7, 5).input_ids, task.batch(7, 5).input_ids)
+    # document ids come through the mixture: a new document starts after each separator (256)
+    ids, docs = batch.input_ids, batch.doc_ids
+    assert docs is not None and docs.shape == ids.shape
+    assert torch.equal(docs[:, 1:] != docs[:, :-1], ids[:, :-1] == 256)
     record = task.record()
     assert [s["share"] for s in record["sources"]] == [0.75, 0.25] and record["sources"][1]["n_tokens"] == 3000
     assert task.describe() == "text:0.75,ids.npy:0.25"

@@ -116,7 +116,8 @@ def slot_pattern(counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def token_file_task(path: str, dtype: str = "uint16", tokenizer: str = "byte", seq_len: int = 256,
-                    val_fraction: float = 0.05, seed: int = 0, cache_dir: str = "runs/data") -> TextTask:
+                    val_fraction: float = 0.05, seed: int = 0, cache_dir: str = "runs/data",
+                    reset_at_boundaries: bool = True) -> TextTask:
     """A TextTask over a pre-tokenized file: raw ids (.bin, of `dtype`, read in place) or a 1-D integer .npy
     (copied once into the cache). The manifest records the file and that every id is below the vocabulary.
 
@@ -153,7 +154,7 @@ def token_file_task(path: str, dtype: str = "uint16", tokenizer: str = "byte", s
         manifest = json.loads(manifest_path.read_text())
     else:
         manifest = _token_manifest(file, data, tok, key, folder)
-    return TextTask(folder, manifest, tok, seq_len, val_fraction, seed)
+    return TextTask(folder, manifest, tok, seq_len, val_fraction, seed, reset_at_boundaries)
 
 
 def _token_manifest(file: Path, data: np.ndarray, tok, key: str, folder: Path) -> dict:
@@ -216,7 +217,10 @@ class MixtureTask(Task):
         keys = set.intersection(*(set(r.extra) for r in rows))
         extra = {k: torch.cat([r.extra[k] for r in rows]) for k in keys}
         extra["source"] = torch.from_numpy(source)
-        return Batch(torch.cat([r.input_ids for r in rows]), torch.cat([r.targets for r in rows]), extra)
+        doc_ids = None
+        if any(r.doc_ids is not None for r in rows):  # a row without ids is one document
+            doc_ids = torch.cat([r.doc_ids if r.doc_ids is not None else torch.zeros_like(r.input_ids) for r in rows])
+        return Batch(torch.cat([r.input_ids for r in rows]), torch.cat([r.targets for r in rows]), extra, doc_ids)
 
     def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         return self.parts[0].metrics(logits, batch)
@@ -237,12 +241,14 @@ class MixtureTask(Task):
                         for s, n in zip(self.sources, self.counts, strict=True))
 
 
-def make_mixture(sources: list, options: dict[str, Any], expand=lambda s: s) -> MixtureTask:
+def make_mixture(sources: list, options: dict[str, Any], expand=lambda s: s,
+                 reset_at_boundaries: bool = True) -> MixtureTask:
     """A MixtureTask from the LM task's `sources` entries and its other options (see TEXT_OPTIONS).
 
     Args:
         sources: the entries (see the module docstring). options: tokenizer, seq_len, val_fraction, seed,
             cache_dir, max_bytes (the default of text sources). expand: maps a path ("stdlib") to files.
+        reset_at_boundaries: each source's batches carry document ids (data.reset_at_boundaries).
     Raises:
         ConfigError: a bad entry or weights (see parse_sources), an unknown option, a missing path, an empty
             source, a token file with ids outside the vocabulary.
@@ -252,7 +258,7 @@ def make_mixture(sources: list, options: dict[str, Any], expand=lambda s: s) -> 
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} for a mixture of sources; valid: "
                           f"{', '.join(TEXT_OPTIONS)} (an HF dataset is a source: {{hf: name}})")
     entries = parse_sources(sources)
-    common = {k: v for k, v in options.items() if k != "max_bytes"}
+    common = {k: v for k, v in options.items() if k != "max_bytes"} | {"reset_at_boundaries": reset_at_boundaries}
     parts = []
     for i, entry in enumerate(entries):
         if "tokens" in entry:

@@ -38,7 +38,7 @@ def make_task(config: dict[str, Any], reset_at_boundaries: bool = True) -> Task:
         raise ConfigError("reset_at_boundaries is a data setting, not a task option: set data.reset_at_boundaries")
     sources = options.pop("sources", ["stdlib"])
     if is_mixture(sources):
-        return make_mixture(sources, options, lambda s: _expand(s, stdlib_source()))
+        return make_mixture(sources, options, lambda s: _expand(s, stdlib_source()), reset_at_boundaries)
     sources = [_expand(s, stdlib_source()) for s in ([sources] if isinstance(sources, str) else sources)]
     return make_text_task(sources, reset_at_boundaries=reset_at_boundaries, **options)
 
