@@ -21,6 +21,7 @@ from torch import nn
 
 from blocks import ops
 from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, state_dtype, upcast
+from blocks.mamba2 import init_decay
 from blocks.ops.fla_kernels import check_backend
 from blocks.registry import register
 
@@ -108,12 +109,7 @@ class GatedDeltaNet(Block):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Mamba2's decay initialisation: A uniform in A_init_range, dt log-uniform in [dt_min, dt_max]."""
-        c = self.config
-        dt = torch.exp(torch.rand(c.n_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log.copy_(torch.log(torch.empty(c.n_heads).uniform_(*c.A_init_range)))
+        init_decay(self.dt_bias, self.A_log, self.config)
 
     def _split(self, projected: torch.Tensor):
         c = self.config

@@ -65,6 +65,17 @@ class Mamba2Config(BlockConfig):
         return self.d_inner + 2 * self.ngroups * self.d_state
 
 
+
+@torch.no_grad()
+def init_decay(dt_bias: nn.Parameter, A_log: nn.Parameter, c) -> None:
+    """Mamba2's per-head decay initialisation (Gated DeltaNet uses it too): A uniform in c.A_init_range,
+    dt log-uniform in [c.dt_min, c.dt_max] and floored at c.dt_init_floor, stored as softplus^-1(dt)."""
+    n = dt_bias.numel()
+    dt = torch.exp(torch.rand(n) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+    dt = dt.clamp(min=c.dt_init_floor)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    A_log.copy_(torch.log(torch.empty(n).uniform_(*c.A_init_range)))
+
 @register("mamba2", "M2", Mamba2Config, kind="mixer")
 class Mamba2(Block):
     def __init__(self, config: Mamba2Config):
@@ -81,11 +92,7 @@ class Mamba2(Block):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        c = self.config
-        dt = torch.exp(torch.rand(c.n_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log.copy_(torch.log(torch.empty(c.n_heads).uniform_(*c.A_init_range)))
+        init_decay(self.dt_bias, self.A_log, self.config)
         self.D.fill_(1.0)
 
     def _split(self, zxbcdt: torch.Tensor):
