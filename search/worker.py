@@ -157,12 +157,15 @@ def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], p
     """One worker (number `index` of the sweep `sweep`): recover, claim and run queued trials until the study
     reaches its target, or nothing is queued and no trial of this sweep still runs."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if (device := config.device(index)) is not None:  # before CUDA starts: this process sees one GPU, as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
     quiet()
     storage = open_storage(config.resolved_storage())
     seed = sampler_seed()
     study = open_study(config, identity, storage, seed)
     name = f"{socket.gethostname()}:{os.getpid()}"
-    print(f"worker {index} ({name}): sampler seed {seed}", flush=True)
+    on = f", GPU {config.device(index)}" if config.devices is not None else ""
+    print(f"worker {index} ({name}{on}): sampler seed {seed}", flush=True)
     objective = Objective(config, identity, extra_train, parent_run_id)
     progress = Progress(config.n_trials, config.workers)
     while True:

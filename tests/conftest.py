@@ -72,17 +72,29 @@ def postgres_url() -> str:
 
 
 @pytest.fixture
-def postgres():
-    """A fresh database on the test server, dropped afterwards: its URL."""
+def postgres_databases():
+    """Makes fresh databases on the test server (each call: one more URL), dropped afterwards."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     server = make_url(postgres_url())
-    name = f"hybrids_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # outlives a restart
+    names = []
+
+    def create() -> str:
+        names.append(f"hybrids_test_{uuid.uuid4().hex[:10]}")
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {names[-1]}"))
+        return server.set(database=names[-1]).render_as_string(hide_password=False)
+
+    yield create
     with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        for name in names:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
+
+
+@pytest.fixture
+def postgres(postgres_databases):
+    """A fresh database on the test server, dropped afterwards: its URL."""
+    return postgres_databases()

@@ -7,6 +7,7 @@ exit code and the exact line. Checkpoints, read-only folders and interrupts are 
 import sys
 
 import pytest
+import torch
 
 from hybrids.cli import main
 
@@ -109,15 +110,28 @@ def test_sweep_on_a_bad_study_file(files, source, message, capsys):
     ("storage=5", "storage must be a string, got 5"),
     ("n_trials=[", "value of 'n_trials' is not valid YAML: '['"),
     ("sampler=bayes", "sampler must be one of grid, tpe, random, got 'bayes'"),
+    ("storage=sqlite:///runs/one.db tracking_uri=sqlite:///runs/one.db",
+     "storage and tracking_uri name the same database (sqlite:///runs/one.db): Optuna and MLflow each need their own "
+     "(both keep an alembic_version table)"),
+    ("devices=1", "devices must be a non-empty list of GPU indices, e.g. [0, 1], got 1"),
+    ("devices=[-1]", "devices must be a non-empty list of GPU indices, e.g. [0, 1], got [-1]"),
 ])
 def test_bad_study_values(files, override, message, capsys):
-    assert _sweep_error(capsys, "study=attention-spacing", override) == f"hybrids: error: {message}"
+    assert _sweep_error(capsys, "study=attention-spacing", *override.split()) == f"hybrids: error: {message}"
+    assert not (files / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_sweep_on_gpus_this_machine_lacks_is_one_line(files, capsys):
+    line = _sweep_error(capsys, "study=attention-spacing", "devices=[0,1]", "workers=2")
+    assert line == "hybrids: error: devices=[0, 1] names GPUs, but this machine has no CUDA GPU; leave devices out"
     assert not (files / "runs").exists()
 
 
 def test_unknown_study_key_lists_the_valid_ones(files, capsys):
     line = _sweep_error(capsys, "study=attention-spacing", "n_trial=2")
-    assert line.startswith("hybrids: error: unknown study key 'n_trial'; valid: artifacts, direction, grace_period")
+    assert line.startswith("hybrids: error: unknown study key 'n_trial'; valid: artifacts, devices, direction, "
+                           "grace_period")
 
 
 def study_text(metric="val/accuracy", layout="2M", train="model=mamba-tiny, trainer.max_steps=40"):

@@ -163,3 +163,20 @@ def test_postgres_restart_under_a_sweep_loses_nothing(tmp_path, postgres):
     assert finished <= {t.number for t in trials if t.state == TrialState.COMPLETE}  # nothing finished is lost
     assert sorted(t.params["optim.lr"] for t in trials if t.state == TrialState.COMPLETE) == LRS
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_a_team_sweep_keeps_study_and_mlflow_runs_on_postgresql(tmp_path, postgres_databases, monkeypatch):
+    """Several machines share one PostgreSQL server: the study's storage and MLflow's backend store, each in its
+    own database (both keep their schema version in an `alembic_version` table: one database cannot hold both)."""
+    from mlflow import MlflowClient
+
+    from hybrids.cli import main
+
+    optuna_db, mlflow_db = postgres_databases(), postgres_databases()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "faults.yaml").write_text(STUDY)
+    assert main(["sweep", "study=faults.yaml", f"storage={optuna_db}", f"tracking_uri={mlflow_db}", "n_trials=1",
+                 f"artifacts={tmp_path}/artifacts", "train.trainer.max_steps=4", "train.trainer.val_every=4"]) == 0
+    (trial,) = [t for t in _study(optuna_db).get_trials() if t.state == TrialState.COMPLETE]
+    run = MlflowClient(tracking_uri=mlflow_db).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["val/loss"] == pytest.approx(trial.value, rel=1e-6)

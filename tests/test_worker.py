@@ -125,3 +125,9 @@ def test_patient_storage_waits_out_an_outage_in_one_line(capsys):
     broken.get_all_studies = lambda: int("not about reaching the server")
     with pytest.raises(ValueError):  # any other error is raised at once
         PatientStorage(broken, "postgresql://u@h/db").get_all_studies()
+
+
+def test_workers_take_the_study_s_gpus_round_robin():
+    config, _ = load_study(["study=attention-spacing", "workers=3", "devices=[2,5]"])
+    assert [config.device(i) for i in range(3)] == [2, 5, 2]
+    assert load_study(["study=attention-spacing"])[0].device(0) is None
