@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from blocks import ConfigError  # noqa: E402
 from hybrids.config import load_config  # noqa: E402
-from hybrids.hf_interop import config_from_hf, from_hf, layout_text, load_weights, to_hf  # noqa: E402
-from hybrids.hf_jamba import weight_map as jamba_weight_map  # noqa: E402
-from hybrids.hf_zamba import star_layout  # noqa: E402
-from hybrids.hf_zamba import weight_map as zamba_weight_map  # noqa: E402
+from hybrids.hf.interop import config_from_hf, from_hf, layout_text, load_weights, to_hf  # noqa: E402
+from hybrids.hf.jamba import weight_map as jamba_weight_map  # noqa: E402
+from hybrids.hf.zamba import star_layout  # noqa: E402
+from hybrids.hf.zamba import weight_map as zamba_weight_map  # noqa: E402
 from hybrids.layout import Layer, parse_layout  # noqa: E402
 from hybrids.model import HybridLM, build  # noqa: E402
 

@@ -24,7 +24,7 @@ from blocks.mamba import Mamba
 from blocks.mlp import MLP
 from blocks.moe import MoE
 from hybrids.config import ModelConfig
-from hybrids.hf_interop import (
+from hybrids.hf.interop import (
     WeightMap,
     activation_from_hf,
     embeddings,
@@ -32,7 +32,7 @@ from hybrids.hf_interop import (
     layout_text,
     require,
 )
-from hybrids.hf_zamba import same_config
+from hybrids.hf.zamba import same_config
 from hybrids.model import HybridLM
 
 

@@ -2,7 +2,7 @@
 
 `from_hf` translates the HF config (`config_from_hf`), builds the HybridLM and copies every weight with
 its re-layout; `to_hf` builds the HF model of a HybridLM and copies the weights the other way. A family
-module (hybrids.hf_zamba, hybrids.hf_zamba2, hybrids.hf_jamba) states, for every HybridLM parameter,
+module (hybrids.hf.zamba, hybrids.hf.zamba2, hybrids.hf.jamba) states, for every HybridLM parameter,
 the HF state-dict entries it is made of (a `WeightMap` of `Link`s); it provides config_from_hf(hf_config),
 weight_map(model, hf_config, hf_keys) and hf_config(model). Both directions check that every
 HF tensor is used and every HybridLM parameter is written; a tied HF tensor (the shared block repeated
@@ -25,12 +25,12 @@ from torch import nn
 
 from blocks import ConfigError
 from hybrids.config import ModelConfig, load_config
+from hybrids.hf import FAMILIES
 from hybrids.layout import parse_layout
 from hybrids.model import HybridLM
 
 __all__ = ["ConfigError", "Link", "WeightMap", "config_from_hf", "from_hf", "to_hf"]
 
-FAMILIES = {"zamba": "hybrids.hf_zamba", "zamba2": "hybrids.hf_zamba2", "jamba": "hybrids.hf_jamba"}
 ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}
 
 

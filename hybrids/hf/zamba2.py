@@ -17,7 +17,7 @@ import torch
 from blocks.mamba2 import Mamba2
 from blocks.shared import SharedAttention
 from hybrids.config import ModelConfig
-from hybrids.hf_interop import (
+from hybrids.hf.interop import (
     WeightMap,
     activation_from_hf,
     activation_to_hf,
@@ -25,7 +25,7 @@ from hybrids.hf_interop import (
     invocations,
     require,
 )
-from hybrids.hf_zamba import backbone_weights, same_config, shared_config, star_layout
+from hybrids.hf.zamba import backbone_weights, same_config, shared_config, star_layout
 from hybrids.model import HybridLM
 
 NORM_EPS = 1e-5  # HF's Zamba2RMSNormGated in the mixer is built with eps=1e-5, whatever the config says
