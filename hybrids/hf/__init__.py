@@ -9,4 +9,8 @@ FAMILIES = {
     "zamba": "hybrids.hf.zamba",
     "zamba2": "hybrids.hf.zamba2",
     "jamba": "hybrids.hf.jamba",
+    "bamba": "hybrids.hf.bamba",
+    "falcon_h1": "hybrids.hf.falcon_h1",
+    "nemotron_h": "hybrids.hf.nemotron_h",
+    "granitemoehybrid": "hybrids.hf.granitemoehybrid",
 }
