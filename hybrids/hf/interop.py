@@ -34,7 +34,8 @@ from hybrids.model import HybridLM
 
 __all__ = ["ConfigError", "Link", "WeightMap", "config_from_hf", "from_hf", "to_hf"]
 
-ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}
+ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu",
+               "relu2": "relu2"}
 
 
 def _first(tensor: torch.Tensor) -> torch.Tensor:
@@ -224,7 +225,7 @@ def activation_from_hf(name: str) -> str:
 
 
 def activation_to_hf(name: str) -> str:
-    return {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}[name]
+    return {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu", "relu2": "relu2"}[name]
 
 
 def require(ok: bool, message: str) -> None:
