@@ -27,6 +27,7 @@ from hybrids.hf.interop import (
 )
 from hybrids.hf.mamba2 import mamba2_options, mamba2_weights
 from hybrids.hf.zamba import same_config
+from hybrids.hf.zamba2 import NO_CLAMP
 from hybrids.model import HybridLM
 
 TOKENS = {"linear_attention": "M2", "full_attention": "A", "mlp": "F"}
@@ -99,7 +100,7 @@ def hf_config(model: HybridLM):
                                  "and clamps dt only from below")
         extra.update(mamba_num_heads=m.n_heads, mamba_head_dim=m.headdim, n_groups=m.ngroups,
                      ssm_state_size=m.d_state, conv_kernel=m.d_conv, chunk_size=m.chunk_size, use_bias=m.bias,
-                     time_step_min=m.dt_limit[0], expand=m.expand)
+                     time_step_min=m.dt_limit[0] or NO_CLAMP, expand=m.expand)
     if a is not None:
         require(not a.rope and not a.bias and a.d_input == c.d_model and a.window is None
                 and a.v_head_dim == a.head_dim
