@@ -156,7 +156,7 @@ def test_export_native_model(family, ids):
 @pytest.mark.parametrize(("layout", "options", "message"), [
     ("2M:A*:M:A*", {}, "none after the last layer"),
     ("2M:A*:M", {}, "exactly one hybrid layer"),
-    ("4M2", {}, "at least one shared invocation"),
+    ("4M", {}, "at least one shared invocation"),
     ("M:2A*:M", {}, "at most one shared invocation"),
     ("M2:A*x:M2:A*y:M2:A*y", {}, "round-robin"),
     ("M+F:A+F", {}, "Jamba's Mamba has one head and inner norms"),

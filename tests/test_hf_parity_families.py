@@ -213,6 +213,7 @@ def test_tied_head_needs_matching_multipliers():
     ("M2+F:A+F", {"blocks.mamba2.gate_norm": "none"}, "bamba", "gates before its norm"),
     ("2(M2|A)+F", {"blocks.parallel.project": "branch"}, "falcon_h1", "project=branch, norm=false, reduce=sum"),
     ("M2:E", {}, "nemotron_h", "one block each"),
+    ("3M2", {}, None, "NemotronH needs at least one attention layer"),
     ("M2+E:A+E", {}, "granitemoehybrid", "has a shared expert"),
     ("M2+E:A+F", {}, "granitemoehybrid", "an MoE in every layer"),
 ])

@@ -331,7 +331,7 @@ def from_hf(source: Any, *, allow_remote: bool = False, **overrides: Any) -> Hyb
 def family_of(model: HybridLM) -> str:
     """The HF model type a HybridLM exports to by default (see `to_hf`)."""
     kinds = {type(block).__name__ for layer in model.layers for block in (layer.mixer, layer.mlp) if block}
-    if model.shared:
+    if model.shared or kinds == {"Mamba"}:
         return "zamba2" if "Mamba2" in kinds else "zamba"
     if "Parallel" in kinds:
         return "falcon_h1"
@@ -346,9 +346,9 @@ def to_hf(model: HybridLM, family: str | None = None):
     """The HF causal LM computing the same logits as `model`.
 
     By default the family follows from the blocks (`family_of`): shared attention -> Zamba2 (Mamba2 layers)
-    or Zamba (Mamba layers); parallel layers -> Falcon-H1; Mamba (v1) layers with an MLP or MoE -> Jamba;
-    layers of one block each -> NemotronH; Mamba2 / attention layers with an MoE -> GraniteMoeHybrid, with
-    an MLP -> Bamba.
+    or Zamba (Mamba layers, also without shared attention); parallel layers -> Falcon-H1; Mamba (v1) layers
+    with an MLP or MoE -> Jamba; layers of one block each -> NemotronH; Mamba2 / attention layers with an MoE
+    -> GraniteMoeHybrid, with an MLP -> Bamba.
 
     Args:
         model: a HybridLM whose layout and options one of the HF families can express.

@@ -90,6 +90,8 @@ def hf_config(model: HybridLM):
     require(all((layer.mixer is None) != (layer.mlp is None) for layer in layers)
             and set(kinds) <= {Mamba2, Attention, MLP},
             "HF NemotronH layers are one block each: a Mamba2 or attention mixer, or an MLP alone")
+    require(Attention in kinds, "HF NemotronH needs at least one attention layer (its generation cache does); "
+                                "a layout without one has no NemotronH equivalent")
     m = same_config([layer.mixer for layer in layers if isinstance(layer.mixer, Mamba2)], "Mamba2")
     a = same_config([layer.mixer for layer in layers if isinstance(layer.mixer, Attention)], "attention")
     f = same_config([layer.mlp for layer in layers if layer.mlp is not None], "MLP")
