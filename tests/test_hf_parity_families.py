@@ -239,3 +239,16 @@ def test_default_configs_translate_with_hf_parameter_counts(make):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(make())
     assert count(build(config, device="meta")) == count(hf) > 10**8
+
+
+def test_info_prints_the_translated_layout(tmp_path, capsys):
+    """`hybrids info` on an HF model directory (config.json only) and on a family's default config."""
+    from hybrids.cli import main
+
+    nemotron_h().save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    assert main(["info", "hf:falcon_h1"]) == 0
+    assert main(["info", "hf:llama"]) == 2
+    out, err = capsys.readouterr()
+    assert f"{tmp_path}: M2:F:A:F:M2\n" in out and "falcon_h1: 32(M2|A)+F\n" in out
+    assert err.strip().startswith("hybrids: error: HF model type 'llama' is not supported; supported: zamba,")

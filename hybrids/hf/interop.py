@@ -275,6 +275,24 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return _family(getattr(hf_config, "model_type", None)).config_from_hf(hf_config)
 
 
+HF_PREFIX = "hf:"
+
+
+def config_from_source(source: str) -> ModelConfig:
+    """The ModelConfig of an HF model directory (read from its config.json, no weights loaded) or of an HF
+    family's default configuration ("hf:bamba": transformers' BambaConfig() defaults).
+
+    Raises:
+        ConfigError: an unknown family, or an HF option HybridLM cannot express.
+    """
+    auto = _transformers().AutoConfig
+    if source.startswith(HF_PREFIX):
+        model_type = source[len(HF_PREFIX):]
+        _family(model_type)
+        return config_from_hf(auto.for_model(model_type))
+    return config_from_hf(auto.from_pretrained(source, local_files_only=True))
+
+
 def _transformers():
     try:
         return importlib.import_module("transformers")
