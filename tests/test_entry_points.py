@@ -1,11 +1,12 @@
 """Blocks from other installed packages: the `hybrids.blocks` entry-point group.
 
-A tiny distribution is "installed" into a temp dir on sys.path (a module plus a *.dist-info with
-entry_points.txt is all importlib.metadata needs), then fresh interpreters (the CLI, a spawned worker) must see
-its block without importing it themselves.
+A tiny distribution holding README.md's block in one file is "installed" into a temp dir on sys.path (a module
+plus a *.dist-info with entry_points.txt is all importlib.metadata needs), then fresh interpreters (the CLI, a
+spawned worker) must see its block without importing it themselves.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,36 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PLUGIN = '''
-"""A block in one file: a causal running mean over time, mixed by a learned projection."""
-
-from dataclasses import dataclass
-
-import torch
-from torch import nn
-
-from blocks import Block, BlockConfig, register
+README = ROOT / "README.md"
 
 
-@dataclass
-class RunningMeanConfig(BlockConfig):
-    bias: bool = False
-
-
-@register("running_mean", "R", RunningMeanConfig, kind="mixer")
-class RunningMean(Block):
-    def __init__(self, config: RunningMeanConfig):
-        super().__init__(config)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-
-    def forward(self, x, cache=None, **context):
-        """x: (B, T, d_model) -> the mean of positions 0..t at each t, projected."""
-        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
-        return self.proj(x.cumsum(1) / steps)
-
-    def flops_per_token(self, seq_len):
-        return 2 * self.config.d_model ** 2
-'''
+def readme_block() -> str:
+    """The block written in one file in README.md (its only ```py block)."""
+    (code,) = re.findall(r"^```py\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+    return code
 
 
 def install(root: Path, module: str, source: str) -> None:
@@ -67,7 +45,7 @@ def run(code: str, site: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def site(tmp_path):
-    install(tmp_path, "running_mean_block", PLUGIN)
+    install(tmp_path, "running_mean_block", readme_block())
     return tmp_path
 
 
@@ -116,7 +94,7 @@ def test_a_broken_plugin_is_one_line_naming_it(tmp_path):
 
 
 def test_a_plugin_cannot_take_a_built_in_symbol(tmp_path):
-    install(tmp_path, "clash_block", PLUGIN.replace('"R", RunningMeanConfig', '"M", RunningMeanConfig'))
+    install(tmp_path, "clash_block", readme_block().replace('"R", RunningMeanConfig', '"M", RunningMeanConfig'))
     result = run("import blocks; blocks.get('M')", tmp_path)
     assert result.returncode == 1
     assert "block symbol 'M' is already registered (by Mamba)" in result.stderr.splitlines()[-1]
