@@ -32,6 +32,7 @@ class AttentionConfig(BlockConfig):
     d_input: int | None = None  # None: d_model
     rope: bool = False
     rope_theta: float = 10000.0
+    rope_dim: int | None = None  # None: head_dim; fewer: rotate only the first rope_dim channels (Bamba: half)
     softmax_scale: float | None = None  # None: head_dim ** -0.5
     bias: bool = False
     v_head_dim: int | None = None  # None: head_dim; Hymba widens values to its SSM heads' width
@@ -48,7 +49,9 @@ class AttentionConfig(BlockConfig):
             check(self.d_input % self.n_heads == 0,
                   f"attention: input width {self.d_input} is not divisible by n_heads = {self.n_heads}")
             self.head_dim = self.d_input // self.n_heads
-        check(not self.rope or self.head_dim % 2 == 0, f"attention: RoPE needs an even head_dim, got {self.head_dim}")
+        self.rope_dim = self.rope_dim or self.head_dim
+        check(not self.rope or (self.rope_dim % 2 == 0 and self.rope_dim <= self.head_dim),
+              f"attention: RoPE needs an even rope_dim of at most head_dim = {self.head_dim}, got {self.rope_dim}")
         self.v_head_dim = self.v_head_dim or self.head_dim
         check(self.window is None or (isinstance(self.window, int) and self.window >= 1),
               f"attention: window must be a positive number of keys or None (full attention), got {self.window!r}")
@@ -68,10 +71,12 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh); rotates pairs (i, i + Dh/2), as HF's rotate_half does."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """x: (B, H, T, Dh), cos / sin: (T, R) with R <= Dh; rotates pairs (i, i + R/2) of the first R channels, as
+    HF's rotate_half does, and passes the other Dh - R channels through (partial rotary)."""
+    rot, rest = x.float().split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+    x1, x2 = rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1).to(x.dtype)
 
 
 @register("attention", "A", AttentionConfig, kind="mixer")
@@ -103,7 +108,7 @@ class Attention(Block):
         new = x.shape[1]
         if c.rope:
             pos = torch.arange(start, start + new, device=x.device) if doc_ids is None else positions(doc_ids)[:, None]
-            cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta)
+            cos, sin = rope_cos_sin(pos, c.rope_dim, c.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # the new queries are the last `new` positions of k and v

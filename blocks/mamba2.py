@@ -16,7 +16,7 @@ from torch import nn
 
 from blocks import ops
 from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, project, state_dtype, upcast
-from blocks.norm import GatedRMSNorm
+from blocks.norm import GATE_NORMS, gate_norm
 from blocks.ops.backend import check_backend
 from blocks.registry import register
 
@@ -39,11 +39,17 @@ class Mamba2Config(BlockConfig):
     A_init_range: tuple[float, float] = (1.0, 16.0)
     backend: str = "auto"
     out_proj: bool = True  # False: return the d_inner-wide scan output (a parallel layer projects it)
+    d_ssm: int | None = None  # None: expand * d_model; else the inner width itself (Falcon-H1's mamba_d_ssm)
+    gate_norm: str = "gated"  # "gated": rmsnorm(y * silu(z)); "norm_first": rmsnorm(y) * silu(z); "none": y * silu(z)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.d_ssm is None or self.d_ssm > 0, f"mamba2: d_ssm must be positive or None, got {self.d_ssm}")
         check(self.d_inner % self.headdim == 0,
-              f"mamba2: d_inner = expand * d_model = {self.d_inner} is not divisible by headdim = {self.headdim}")
+              f"mamba2: d_inner = {self.d_inner} (d_ssm, or expand * d_model) is not divisible by headdim = "
+              f"{self.headdim}")
+        check(self.gate_norm in GATE_NORMS,
+              f"mamba2: gate_norm must be one of {', '.join(GATE_NORMS)}, got {self.gate_norm!r}")
         check(self.n_heads % self.ngroups == 0,
               f"mamba2: n_heads = {self.n_heads} is not divisible by ngroups = {self.ngroups}")
         check(self.chunk_size > 0 and self.chunk_size & (self.chunk_size - 1) == 0,
@@ -54,7 +60,7 @@ class Mamba2Config(BlockConfig):
 
     @property
     def d_inner(self) -> int:
-        return self.expand * self.d_model
+        return self.d_ssm or self.expand * self.d_model
 
     @property
     def n_heads(self) -> int:
@@ -86,7 +92,7 @@ class Mamba2(Block):
         self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.n_heads))
-        self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
+        self.norm = gate_norm(c.gate_norm, c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
         self.reset_parameters()
 

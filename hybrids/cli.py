@@ -3,6 +3,7 @@
     hybrids blocks                     list the registered blocks and their config fields
     hybrids layout "6M:A*" --depth 78  resolve a layout string, then account for a model built from it
     hybrids info zamba-7b              parameters, FLOPs per token and cache bytes of a recipe, YAML or layout
+    hybrids info hf:bamba              the same for an HF family's default config, or an HF model directory
     hybrids data sample task=mqar n=8  write examples of a synthetic task to an .npz file and print a few
     hybrids eval run=runs/train/<name>  long-context probes (and lm-eval tasks) of a run or saved model
 """
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -45,8 +47,18 @@ def _layout(args) -> int:
 
 
 def _info(args) -> int:
-    print(_stats(args, args.source).table(layers=args.layers))
+    source = args.source
+    if hf_source(source):
+        from hybrids.hf.interop import config_from_source  # transformers only when an HF model is named
+
+        source = config_from_source(source)
+    print(_stats(args, source).table(layers=args.layers))
     return 0
+
+
+def hf_source(source: str) -> bool:
+    """An HF family ("hf:bamba") or a directory holding an HF config.json."""
+    return source.startswith("hf:") or (Path(source) / "config.json").is_file()
 
 
 def _assignment(text: str) -> tuple[str, object]:
@@ -167,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _accounting_options(lay)
     lay.set_defaults(run=_layout)
     info = sub.add_parser("info", help="parameters, FLOPs and cache bytes of a model")
-    info.add_argument("source", help='a recipe name ("zamba-7b"), a YAML file or a layout ("6M:A*")')
+    info.add_argument("source", help='a recipe name ("zamba-7b"), a YAML file, a layout ("6M:A*"), an HF model '
+                                     'directory or an HF family ("hf:bamba", "hf:falcon_h1", ...)')
     info.add_argument("--layers", action="store_true", help="also list the layout layer by layer")
     _accounting_options(info)
     info.set_defaults(run=_info)

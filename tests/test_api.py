@@ -20,7 +20,8 @@ def test_import_hybrids_loads_no_training_or_sweep_stack():
 
 def test_every_public_name_resolves_to_its_definition():
     from analysis.frames import study_frame
-    from hybrids import accounting, config, hf_interop, layout, model, save
+    from hybrids import accounting, config, layout, model, save
+    from hybrids.hf import interop as hf_interop
     from hybrids.training.run import train
     from search.runner import run_study
 
