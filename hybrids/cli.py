@@ -123,6 +123,10 @@ def _sweep(args) -> int:
           f"{c['fail']} failed); recovered {result['recovered']}")
     store = result["storage"]
     print(f"next: hybrids report study={name}" + (f" storage={store}" if store != DEFAULT_STORAGE else ""))
+    if result["status"] != "FINISHED":
+        print(f"hybrids: error: the sweep ended {result['status']}: a worker stopped early (its error is above); "
+              "finished trials are kept, run the same command again to go on", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -139,8 +139,10 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
         _close_parent(config, study, parent, "FAILED")
         raise
     final = counts(study)
-    _close_parent(config, study, parent, _final_status(exitcodes))
-    return {"counts": final, "recovered": recovered, "queued": queued, "storage": url, "study": identity}
+    status = _final_status(exitcodes)
+    _close_parent(config, study, parent, status)
+    return {"counts": final, "recovered": recovered, "queued": queued, "storage": url, "study": identity,
+            "status": status}
 
 
 def _run_workers(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent: str,

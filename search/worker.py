@@ -27,6 +27,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from blocks import ConfigError
 from hybrids.training.progress import format_duration
 from search.identity import StudyIdentity
 from search.objective import Objective, TrialInterrupted
@@ -198,6 +199,9 @@ def worker_main(config_dict: dict, identity: StudyIdentity, extra_train: list[st
         work(StudyConfig(**config_dict), identity, extra_train, parent_run_id, sweep, index)
     except TrialInterrupted:
         code = 130
+    except ConfigError as err:  # a trial's config that the checks before the sweep could not see: one line
+        print(f"hybrids: error: worker {index}: {err}", file=sys.stderr)
+        code = 2
     # everything the worker did is in the storage: run Python's exit handlers, then skip the interpreter's native
     # teardown of torch and Lightning (seconds per process on a busy machine)
     atexit._run_exitfuncs()

@@ -131,3 +131,18 @@ def test_workers_take_the_study_s_gpus_round_robin():
     config, _ = load_study(["study=attention-spacing", "workers=3", "devices=[2,5]"])
     assert [config.device(i) for i in range(3)] == [2, 5, 2]
     assert load_study(["study=attention-spacing"])[0].device(0) is None
+
+
+def test_a_sweep_whose_worker_stopped_early_exits_non_zero(monkeypatch, capsys):
+    import search.runner
+    from hybrids.cli import main
+    from search.identity import StudyIdentity
+
+    done = {"done": 3, "complete": 3, "pruned": 0, "fail": 1}
+    monkeypatch.setattr(search.runner, "run_study", lambda config, extra: {
+        "counts": done, "recovered": {}, "queued": 0, "storage": "journal:j", "status": "FAILED",
+        "study": StudyIdentity("attention-spacing", 0, "u")})
+    assert main(["sweep", "study=attention-spacing", "workers=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hybrids: error: the sweep ended FAILED: a worker stopped early (its error is above); finished "
+                   "trials are kept, run the same command again to go on"]
