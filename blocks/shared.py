@@ -99,7 +99,7 @@ class SharedAttention(Block):
             x = torch.cat([x, emb], dim=-1)
         h = self.input_norm(x)
         qkv_delta = [adapter(h) for adapter in inv.qkv_lora] if inv.qkv_lora is not None else None
-        h = self.pre_ff_norm(self.attn(h, cache, qkv_delta=qkv_delta))
+        h = self.pre_ff_norm(self.attn(h, cache, qkv_delta=qkv_delta, **context))
         h = self.mlp(h, up_delta=inv.mlp_lora(h) if inv.mlp_lora is not None else None)
         return inv.out_proj(h) if inv.out_proj is not None else h
 
