@@ -57,6 +57,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
+    fused_ce: bool | str = "auto"  # fused linear cross-entropy in training steps (no (B, L, V) logits); auto: on CUDA
     seed: int = 0
     progress_bar: bool = True  # in a terminal; elsewhere (or false) plain lines every progress_every_s seconds
     progress_every_s: float = 20.0
@@ -67,6 +68,8 @@ class TrainerConfig:
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, "
                               f"got {self.accelerator!r}")
+        if self.fused_ce not in (True, False, "auto"):
+            raise ConfigError(f"trainer.fused_ce must be auto, true or false, got {self.fused_ce!r}")
         for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
@@ -152,12 +155,14 @@ def to_yaml(config: TrainConfig) -> str:
 
 
 DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
+SPEED_ONLY = ("fused_ce",)  # trainer keys that change how a step is computed (equal within rounding), not what
+UNSCORED = DISPLAY_ONLY + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 
 def scored(data: dict) -> dict:
     """A resolved config without what does not change a run's result (where it logs, how it is named)."""
     data = {k: v for k, v in data.items() if k not in ("tracking", "run")}
-    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in DISPLAY_ONLY}
+    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in UNSCORED}
     return data
 
 
@@ -166,8 +171,8 @@ def run_name(config: TrainConfig) -> str:
     if config.run.name:
         return config.run.name
     data = to_dict(config)
-    for display_only in DISPLAY_ONLY:
-        data["trainer"].pop(display_only, None)
+    for unscored in UNSCORED:
+        data["trainer"].pop(unscored, None)
     data.pop("tracking", None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.model.name or 'model'}-{config.task['name']}-{digest}"

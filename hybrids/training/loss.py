@@ -18,6 +18,7 @@ import math
 import torch
 
 from blocks import ConfigError
+from blocks.base import state_dtype, upcast
 from blocks.ops.backend import importable
 
 BACKENDS = ("auto", "torch", "liger")
@@ -47,21 +48,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` over scored tokens, gradients computed in the forward.
 
     forward(hidden (N, d), weight (V, d), targets (N,) int64 with every ignored position already set to a valid
-    class, scored (N,) bool, chunk_size int) -> (loss fp32 scalar, correct (N,) bool: argmax == target & scored).
+    class, scored (N,) bool, chunk_size int) -> (loss, an fp32 scalar (fp64 for fp64 inputs); correct (N,) bool,
+    argmax == target & scored).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scored, chunk_size):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        n_scored = scored.sum().float()  # a tensor: no host sync
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=state_dtype(hidden.dtype), device=hidden.device)
+        n_scored = scored.sum().to(total.dtype)  # a tensor: no host sync
         correct = torch.zeros_like(scored)
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=state_dtype(weight.dtype), device=weight.device) \
+            if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             h, t, keep = hidden[start:end], targets[start:end, None], scored[start:end]
-            logits = (h @ weight.T).float()  # (n, V): the only logits alive at a time
+            logits = upcast(h @ weight.T)  # (n, V) in fp32 (fp64 stays): the only logits alive at a time
             lse = logits.logsumexp(-1)
             total += ((lse - logits.gather(1, t)[:, 0]) * keep).sum()
             correct[start:end] = (logits.argmax(-1) == t[:, 0]) & keep
@@ -120,7 +123,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         chunk_size: tokens per chunk (torch backend); None: `default_chunk_size`.
         backend: "auto" | "torch" | "liger" (see the module docstring).
     Returns:
-        (loss, correct): the mean over scored tokens, an fp32 scalar (NaN when nothing is scored, as
+        (loss, correct): the mean over scored tokens, an fp32 (or fp64) scalar (NaN when nothing is scored, as
         F.cross_entropy gives); (...) bool, argmax == target at scored positions (for accuracy metrics).
     Raises:
         ConfigError: an unknown backend, or liger where it cannot run.
