@@ -53,7 +53,7 @@ def hf_model(family: str, tiny: bool, max_positions: int = 4096) -> torch.nn.Mod
 def our_model(family: str, tiny: bool, hf: torch.nn.Module | None = None, **overrides) -> HybridLM:
     """Ours: from_hf of the HF Zamba2 model `hf` ("zamba2"), or the llama recipe at the HF Llama's size ("llama")."""
     if family == "zamba2":
-        from hybrids.hf_interop import from_hf
+        from hybrids.hf.interop import from_hf
 
         return from_hf(hf if hf is not None else hf_model("zamba2", tiny), **overrides)
     return build("llama-tiny" if tiny else "llama", **({"vocab_size": 256, "tie_embeddings": True} if tiny else {}),

@@ -5,6 +5,8 @@ in 2 * d_model (residual stream concatenated with the embeddings) and projects b
 With `window` each query sees only its last `window` keys (itself included) and the generation cache
 keeps only those (`SlidingKVCache`). "W" is that form with a window by default, so that one layout
 can mix full and sliding-window layers (Hymba, Samba); see `blocks.sliding_attention`.
+With document ids (`blocks.ops.documents`) attention is document-causal: a query sees only earlier keys of
+its own document (a block-diagonal causal mask), and RoPE positions restart at every document.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from blocks.base import Block, BlockConfig, KVCache, SlidingKVCache, check, linear_flops, project
+from blocks.ops.documents import positions, segments
 from blocks.ops.window import sliding_window_attention
 from blocks.registry import register
 
@@ -29,6 +32,7 @@ class AttentionConfig(BlockConfig):
     d_input: int | None = None  # None: d_model
     rope: bool = False
     rope_theta: float = 10000.0
+    rope_dim: int | None = None  # None: head_dim; fewer: rotate only the first rope_dim channels (Bamba: half)
     softmax_scale: float | None = None  # None: head_dim ** -0.5
     bias: bool = False
     v_head_dim: int | None = None  # None: head_dim; Hymba widens values to its SSM heads' width
@@ -45,7 +49,9 @@ class AttentionConfig(BlockConfig):
             check(self.d_input % self.n_heads == 0,
                   f"attention: input width {self.d_input} is not divisible by n_heads = {self.n_heads}")
             self.head_dim = self.d_input // self.n_heads
-        check(not self.rope or self.head_dim % 2 == 0, f"attention: RoPE needs an even head_dim, got {self.head_dim}")
+        self.rope_dim = self.rope_dim or self.head_dim
+        check(not self.rope or (self.rope_dim % 2 == 0 and self.rope_dim <= self.head_dim),
+              f"attention: RoPE needs an even rope_dim of at most head_dim = {self.head_dim}, got {self.rope_dim}")
         self.v_head_dim = self.v_head_dim or self.head_dim
         check(self.window is None or (isinstance(self.window, int) and self.window >= 1),
               f"attention: window must be a positive number of keys or None (full attention), got {self.window!r}")
@@ -57,18 +63,20 @@ class AttentionConfig(BlockConfig):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """Llama-style rotary tables for integer positions (T,) -> cos, sin of shape (T, head_dim), fp32."""
+    """Llama-style rotary tables for integer positions (..., T) -> cos, sin of shape (..., T, head_dim), fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh); rotates pairs (i, i + Dh/2), as HF's rotate_half does."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """x: (B, H, T, Dh), cos / sin: (T, R) with R <= Dh; rotates pairs (i, i + R/2) of the first R channels, as
+    HF's rotate_half does, and passes the other Dh - R channels through (partial rotary)."""
+    rot, rest = x.float().split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+    x1, x2 = rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1).to(x.dtype)
 
 
 @register("attention", "A", AttentionConfig, kind="mixer")
@@ -82,13 +90,16 @@ class Attention(Block):
         self.o_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, qkv_delta=None,
-                position: torch.Tensor | None = None, **context) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, position: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
         """x: (B, T, d_input) -> (B, T, d_model), or (B, T, d_inner) without out_proj.
 
         qkv_delta: optional additive (q, k, v) projections (per-invocation LoRA). With a cache, the T new
-        positions follow the cache's filled ones and are appended to it. position: a 0-dim int64 tensor, the
-        fixed-shape step (T = 1, `hybrids.decode`): the new key and value go to that slot of the preallocated
-        cache and the query attends over every slot up to it by mask; `cache.length` is left as it was.
+        positions follow the cache's filled ones and are appended to it. doc_ids: (B, T) document ids (no
+        cache): document-causal attention, RoPE positions counted within each document. position: a 0-dim
+        int64 tensor, the fixed-shape step (T = 1, `hybrids.decode`): the new key and value go to that slot of
+        the preallocated cache and the query attends over every slot up to it by mask; `cache.length` is left
+        as it was.
         """
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -102,13 +113,18 @@ class Attention(Block):
         start = cache.length if cache is not None else 0
         new = x.shape[1]
         if c.rope:
-            cos, sin = rope_cos_sin(torch.arange(start, start + new, device=x.device), c.head_dim, c.rope_theta)
+            pos = torch.arange(start, start + new, device=x.device) if doc_ids is None else positions(doc_ids)[:, None]
+            cos, sin = rope_cos_sin(pos, c.rope_dim, c.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # the new queries are the last `new` positions of k and v
         gqa = c.n_kv_heads != c.n_heads
         if c.window is not None:
-            y = sliding_window_attention(q, k, v, c.window, scale=c.softmax_scale, enable_gqa=gqa)
+            y = sliding_window_attention(q, k, v, c.window, scale=c.softmax_scale, enable_gqa=gqa, doc_ids=doc_ids)
+        elif doc_ids is not None:
+            seg = segments(doc_ids)
+            mask = (seg[:, None, :, None] == seg[:, None, None, :]).tril()  # (B, 1, T, T), block-diagonal causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.softmax_scale, enable_gqa=gqa)
         else:
             mask = None
             if start and new > 1:  # new positions see all cached ones and the causal part of their own block
@@ -129,7 +145,7 @@ class Attention(Block):
         if c.window is not None or type(cache) is not KVCache:
             raise ValueError("the fixed-shape decoding step needs full attention with a KVCache (no window)")
         if c.rope:
-            cos, sin = rope_cos_sin(position[None], c.head_dim, c.rope_theta)
+            cos, sin = rope_cos_sin(position[None], c.rope_dim, c.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.k.index_copy_(2, position[None], k)
         cache.v.index_copy_(2, position[None], v)

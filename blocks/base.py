@@ -122,7 +122,11 @@ class Block(nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, **context) -> torch.Tensor:
-        """Whole-sequence form. x: (B, L, d_model). With a cache, also leave it ready for `step`."""
+        """Whole-sequence form. x: (B, L, d_model). With a cache, also leave it ready for `step`.
+
+        context may hold doc_ids (B, L), the document ids of packed rows (`blocks.ops.documents`): a mixer
+        then lets nothing cross a document start; position-wise blocks ignore them.
+        """
         raise NotImplementedError
 
     def allocate_cache(

@@ -21,6 +21,7 @@ from torch import nn
 
 from blocks import ops
 from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, state_dtype, upcast
+from blocks.mamba2 import init_decay
 from blocks.ops.fla_kernels import check_backend
 from blocks.registry import register
 
@@ -108,12 +109,7 @@ class GatedDeltaNet(Block):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Mamba2's decay initialisation: A uniform in A_init_range, dt log-uniform in [dt_min, dt_max]."""
-        c = self.config
-        dt = torch.exp(torch.rand(c.n_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log.copy_(torch.log(torch.empty(c.n_heads).uniform_(*c.A_init_range)))
+        init_decay(self.dt_bias, self.A_log, self.config)
 
     def _split(self, projected: torch.Tensor):
         c = self.config
@@ -131,18 +127,21 @@ class GatedDeltaNet(Block):
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(a) + upcast(self.dt_bias))
         return g, torch.sigmoid(upcast(b))
 
-    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, **context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, doc_ids: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
+        """x: (B, L, d_model) -> (B, L, d_model); doc_ids (B, L): conv and state reset at document starts."""
         c = self.config
         qkv, z, a, b = self._split(self.in_proj(x))
         qkv = rearrange(qkv, "b l d -> b d l")
         if cache is not None:
             cache.conv.copy_(ops.conv_state_from(qkv, c.d_conv))
         # F.conv1d's depthwise conv: the mamba-ssm conv kernel is no dependency of this block
-        qkv = ops.causal_conv1d(qkv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend="torch")
+        qkv = ops.causal_conv1d(qkv, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend="torch",
+                                doc_ids=doc_ids)
         q, k, v = self._heads(rearrange(qkv, "b d l -> b l d"))  # (B, L, H, K), (B, L, H, K), (B, L, H, V)
         g, beta = self._gates(a, b)  # (B, L, H)
         o = ops.gated_delta_rule(q, k, v, g, beta, c.chunk_size, return_final_state=cache is not None,
-                                 backend=c.backend)
+                                 backend=c.backend, doc_ids=doc_ids)
         if cache is not None:
             o, state = o
             cache.ssm.copy_(state)

@@ -149,21 +149,24 @@ class Hyena(Block):
     def _filters(self, length: int) -> torch.Tensor:
         return self.filter(length).unflatten(0, (self.config.order - 1, self.config.d_model))  # (order-1, D, L)
 
-    def forward(self, x: torch.Tensor, cache: HyenaCache | None = None, **context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HyenaCache | None = None, doc_ids: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
+        """x: (B, L, d_model) -> (B, L, d_model); doc_ids (B, L): no short or long conv tap crosses a document
+        start."""
         c = self.config
         length = x.shape[1]
         u = rearrange(self.in_proj(x), "b l d -> b d l")
         if cache is not None:
             self._start(cache, length)
             cache.conv.copy_(ops.conv_state_from(u, c.d_conv))
-        u = ops.causal_conv1d(u, self.conv1d.weight[:, 0], self.conv1d.bias, None, backend="torch")
+        u = ops.causal_conv1d(u, self.conv1d.weight[:, 0], self.conv1d.bias, None, backend="torch", doc_ids=doc_ids)
         *xs, v = u.split(c.d_model, dim=1)  # (B, D, L) each
         h = cache.filters if cache is not None else self._filters(length)
         for i in range(c.order - 1):
             v = xs[c.order - 1 - i] * v
             if cache is not None:
                 cache.history[:, i, :, :length] = v
-            v = (fft_causal_conv(v, h[i]) + self.D[i, :, None] * v).to(x.dtype)
+            v = (fft_causal_conv(v, h[i], doc_ids) + self.D[i, :, None] * v).to(x.dtype)
         return self.out_proj(rearrange(xs[0] * v, "b d l -> b l d"))
 
     def _start(self, cache: HyenaCache, length: int) -> None:

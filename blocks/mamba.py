@@ -110,16 +110,20 @@ class Mamba(Block):
         delta = torch.einsum("bglr,gkr->bgkl", dt, self.dt_proj.to(x.dtype))
         return rearrange(delta, "b g k l -> b (g k) l"), B.transpose(-1, -2), C.transpose(-1, -2)
 
-    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, **context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, doc_ids: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
+        """x: (B, L, d_model) -> (B, L, d_model); doc_ids (B, L): conv and scan reset at document starts."""
         c = self.config
         xs, z = rearrange(self.in_proj(x), "b l d -> b d l").chunk(2, dim=1)  # (B, d_inner, L) each
         if cache is not None:
             cache.conv.copy_(ops.conv_state_from(xs, c.d_conv))
-        xs = ops.causal_conv1d(xs, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend=c.backend)
+        xs = ops.causal_conv1d(xs, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend=c.backend,
+                               doc_ids=doc_ids)
         delta, B, C = self._ssm_params(xs)
         A = -torch.exp(upcast(self.A_log))
         out = ops.selective_scan(xs, delta, A, B, C, upcast(self.D), z, upcast(self.dt_bias),
-                                 delta_softplus=True, return_final_state=cache is not None, backend=c.backend)
+                                 delta_softplus=True, return_final_state=cache is not None, backend=c.backend,
+                                 doc_ids=doc_ids)
         if cache is not None:
             out, state = out
             cache.ssm.copy_(state)

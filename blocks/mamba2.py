@@ -16,7 +16,7 @@ from torch import nn
 
 from blocks import ops
 from blocks.base import Block, BlockConfig, RecurrentCache, check, linear_flops, project, state_dtype, upcast
-from blocks.norm import GatedRMSNorm
+from blocks.norm import GATE_NORMS, gate_norm
 from blocks.ops.backend import check_backend
 from blocks.registry import register
 
@@ -39,11 +39,17 @@ class Mamba2Config(BlockConfig):
     A_init_range: tuple[float, float] = (1.0, 16.0)
     backend: str = "auto"
     out_proj: bool = True  # False: return the d_inner-wide scan output (a parallel layer projects it)
+    d_ssm: int | None = None  # None: expand * d_model; else the inner width itself (Falcon-H1's mamba_d_ssm)
+    gate_norm: str = "gated"  # "gated": rmsnorm(y * silu(z)); "norm_first": rmsnorm(y) * silu(z); "none": y * silu(z)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.d_ssm is None or self.d_ssm > 0, f"mamba2: d_ssm must be positive or None, got {self.d_ssm}")
         check(self.d_inner % self.headdim == 0,
-              f"mamba2: d_inner = expand * d_model = {self.d_inner} is not divisible by headdim = {self.headdim}")
+              f"mamba2: d_inner = {self.d_inner} (d_ssm, or expand * d_model) is not divisible by headdim = "
+              f"{self.headdim}")
+        check(self.gate_norm in GATE_NORMS,
+              f"mamba2: gate_norm must be one of {', '.join(GATE_NORMS)}, got {self.gate_norm!r}")
         check(self.n_heads % self.ngroups == 0,
               f"mamba2: n_heads = {self.n_heads} is not divisible by ngroups = {self.ngroups}")
         check(self.chunk_size > 0 and self.chunk_size & (self.chunk_size - 1) == 0,
@@ -54,7 +60,7 @@ class Mamba2Config(BlockConfig):
 
     @property
     def d_inner(self) -> int:
-        return self.expand * self.d_model
+        return self.d_ssm or self.expand * self.d_model
 
     @property
     def n_heads(self) -> int:
@@ -64,6 +70,17 @@ class Mamba2Config(BlockConfig):
     def conv_dim(self) -> int:
         return self.d_inner + 2 * self.ngroups * self.d_state
 
+
+
+@torch.no_grad()
+def init_decay(dt_bias: nn.Parameter, A_log: nn.Parameter, c) -> None:
+    """Mamba2's per-head decay initialisation (Gated DeltaNet uses it too): A uniform in c.A_init_range,
+    dt log-uniform in [c.dt_min, c.dt_max] and floored at c.dt_init_floor, stored as softplus^-1(dt)."""
+    n = dt_bias.numel()
+    dt = torch.exp(torch.rand(n) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+    dt = dt.clamp(min=c.dt_init_floor)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    A_log.copy_(torch.log(torch.empty(n).uniform_(*c.A_init_range)))
 
 @register("mamba2", "M2", Mamba2Config, kind="mixer")
 class Mamba2(Block):
@@ -75,17 +92,13 @@ class Mamba2(Block):
         self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.n_heads))
-        self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
+        self.norm = gate_norm(c.gate_norm, c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        c = self.config
-        dt = torch.exp(torch.rand(c.n_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log.copy_(torch.log(torch.empty(c.n_heads).uniform_(*c.A_init_range)))
+        init_decay(self.dt_bias, self.A_log, self.config)
         self.D.fill_(1.0)
 
     def _split(self, zxbcdt: torch.Tensor):
@@ -99,18 +112,21 @@ class Mamba2(Block):
         return (x.unflatten(-1, (c.n_heads, c.headdim)), B.unflatten(-1, (c.ngroups, c.d_state)),
                 C.unflatten(-1, (c.ngroups, c.d_state)))
 
-    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, **context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, doc_ids: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
+        """x: (B, L, d_model) -> (B, L, d_model); doc_ids (B, L): conv and SSD reset at document starts."""
         c = self.config
         z, xbc, dt = self._split(self.in_proj(x))
         xbc = rearrange(xbc, "b l d -> b d l")
         if cache is not None:
             cache.conv.copy_(ops.conv_state_from(xbc, c.d_conv))
-        xbc = ops.causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend=c.backend)
+        xbc = ops.causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, "silu", backend=c.backend,
+                                doc_ids=doc_ids)
         xs, B, C = self._scan_inputs(rearrange(xbc, "b d l -> b l d"))
         A = -torch.exp(upcast(self.A_log))
         y = ops.ssd(xs, dt, A, B, C, c.chunk_size, D=upcast(self.D), dt_bias=upcast(self.dt_bias),
                     dt_softplus=True, return_final_states=cache is not None, dt_limit=c.dt_limit,
-                    backend=c.backend)
+                    backend=c.backend, doc_ids=doc_ids)
         if cache is not None:
             y, state = y
             cache.ssm.copy_(state)

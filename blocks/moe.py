@@ -5,6 +5,9 @@ its top_k experts. With a capacity factor, each expert takes at most
 ceil(capacity_factor * tokens * top_k / n_experts) assignments, earliest positions first (position
 order, flattened over the batch); the assignments over capacity contribute nothing, so the token keeps
 only its residual path and its other experts. `dropped_fraction` reports the share dropped.
+
+With `shared_d_ff` > 0 a gated MLP of that width (a shared expert, as GraniteMoeHybrid's shared_mlp) runs on
+every token beside the routed experts and its output is added to theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.base import Block, BlockConfig, check
-from blocks.mlp import activation
+from blocks.mlp import MLP, MLPConfig, activation
 from blocks.registry import register
 
 
@@ -29,6 +32,7 @@ class MoEConfig(BlockConfig):
     activation: str = "silu"
     normalize_top_k: bool = False  # Jamba: False (weights are the full-softmax probabilities)
     capacity_factor: float | None = None  # None: dropless
+    shared_d_ff: int = 0  # > 0: a shared expert (gated MLP of this width) on every token
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,6 +41,7 @@ class MoEConfig(BlockConfig):
               f"moe: top_k must be in 1..n_experts = {self.n_experts}, got {self.top_k}")
         check(self.capacity_factor is None or self.capacity_factor > 0,
               f"moe: capacity_factor must be positive or None, got {self.capacity_factor}")
+        check(self.shared_d_ff >= 0, f"moe: shared_d_ff must be >= 0, got {self.shared_d_ff}")
         activation(self.activation)
 
 
@@ -51,6 +56,7 @@ class MoE(Block):
         self.router = nn.Linear(c.d_model, c.n_experts, bias=False)
         self.up_proj = nn.Parameter(torch.empty(c.n_experts, 2 * c.d_ff, c.d_model))  # [gate, up] per expert
         self.down_proj = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.d_ff))
+        self.shared = MLP(MLPConfig(c.d_model, c.shared_d_ff, c.activation)) if c.shared_d_ff else None
         self._aux_loss: torch.Tensor | None = None
         self.dropped_fraction = 0.0
         self.reset_parameters()
@@ -100,6 +106,8 @@ class MoE(Block):
             gate, up = F.linear(flat[tokens], self.up_proj[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.down_proj[e])
             out.index_add_(0, tokens, (y * w[:, None]).to(out.dtype))
+        if self.shared is not None:
+            out = out + self.shared(flat)
         return out.view_as(x)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -107,7 +115,8 @@ class MoE(Block):
 
     def flops_per_token(self, seq_len: int) -> int:
         c = self.config
-        return 2 * c.d_model * c.n_experts + c.top_k * 2 * 3 * c.d_model * c.d_ff
+        shared = self.shared.flops_per_token(seq_len) if self.shared is not None else 0
+        return 2 * c.d_model * c.n_experts + c.top_k * 2 * 3 * c.d_model * c.d_ff + shared
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:

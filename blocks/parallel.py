@@ -5,8 +5,10 @@
 beta_i is the learnable per-channel weight of branch i's RMSNorm. With project="shared" (Hymba) the
 branches stop before their own output projections and one Linear projects their common inner width
 (attention: n_heads * v_head_dim, Mamba: expand * d_model) to d_model; with project="branch" each branch
-keeps its projection to d_model and the layer adds none. Layouts write it as "(A|M2)"; it registers as
-"parallel" (kind "parallel") so that its options live under blocks.parallel, but "P" alone is no layer.
+keeps its projection to d_model and the layer adds none. Falcon-H1 sums its branches unnormalised:
+norm=False drops the branch norms (beta_i = 1) and reduce="sum" adds instead of averaging. Layouts write it
+as "(A|M2)"; it registers as "parallel" (kind "parallel") so that its options live under blocks.parallel,
+but "P" alone is no layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from blocks.norm import RMSNorm
 from blocks.registry import register
 
 PROJECT = ("shared", "branch")
+REDUCE = ("mean", "sum")
 
 
 @dataclass
@@ -31,10 +34,13 @@ class ParallelConfig(BlockConfig):
     project: str = "shared"  # "shared": one output projection after the mean (Hymba); "branch": each branch's own
     norm_eps: float = 1e-6
     bias: bool = False
+    norm: bool = True  # False: no RMSNorm on the branch outputs (Falcon-H1)
+    reduce: str = "mean"  # "mean" (Hymba) or "sum" (Falcon-H1) of the branch outputs
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.project in PROJECT, f"parallel: project must be one of {', '.join(PROJECT)}, got {self.project!r}")
+        check(self.reduce in REDUCE, f"parallel: reduce must be one of {', '.join(REDUCE)}, got {self.reduce!r}")
 
 
 @dataclass
@@ -70,7 +76,7 @@ class Parallel(Block):
               + ", ".join(f"{b.symbol} {w}" for b, w in zip(branches, widths, strict=True))
               + "; make them equal (e.g. blocks.attention.v_head_dim) or set blocks.parallel.project=branch")
         self.branches = nn.ModuleList(branches)
-        self.norms = nn.ModuleList([RMSNorm(w, c.norm_eps) for w in widths])
+        self.norms = nn.ModuleList([RMSNorm(w, c.norm_eps) for w in widths]) if c.norm else None
         self.out_proj = nn.Linear(widths[0], c.d_model, bias=c.bias) if c.project == "shared" else None
 
     @classmethod
@@ -98,8 +104,10 @@ class Parallel(Block):
         return self._combine([b.step(x, c, **context) for b, c in zip(self.branches, cache.branches, strict=True)])
 
     def _combine(self, outs: list[torch.Tensor]) -> torch.Tensor:
-        y = sum(norm(o) for norm, o in zip(self.norms, outs, strict=True)) / len(outs)
-        return project(self.out_proj, y)
+        if self.norms is not None:
+            outs = [norm(o) for norm, o in zip(self.norms, outs, strict=True)]
+        y = sum(outs)
+        return project(self.out_proj, y / len(outs) if self.config.reduce == "mean" else y)
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None) -> ParallelCache:
         return ParallelCache([b.allocate_cache(batch, max_seqlen, device, dtype) for b in self.branches])

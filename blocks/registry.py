@@ -2,11 +2,21 @@
 
 A layout string refers to blocks by symbol ("M", "M2", "A", ...); configs and CLIs refer to them by
 name ("mamba", "mamba2", "attention", ...). Both keys are unique across the registry.
+
+Other installed packages add blocks through the `hybrids.blocks` entry-point group: each entry names a
+module (or an object in one) whose import registers blocks with `register`. They are loaded on the first
+lookup (`get`, `entries`, `symbols`, `describe`), so every process that reads the registry, the CLI and
+freshly spawned sweep workers alike, sees them without importing anything itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
+
+from blocks.base import ConfigError
+
+ENTRY_POINT_GROUP = "hybrids.blocks"
 
 
 class RegistryError(KeyError):
@@ -28,6 +38,7 @@ class Entry:
 KINDS = ("mixer", "mlp", "shared", "parallel")
 _by_name: dict[str, Entry] = {}
 _by_symbol: dict[str, Entry] = {}
+_plugins_loaded = False
 
 
 def register(name: str, symbol: str, config_cls: type, kind: str):
@@ -68,12 +79,31 @@ def unregister(name: str) -> None:
     del _by_name[entry.name], _by_symbol[entry.symbol]
 
 
+def load_plugins() -> None:
+    """Import the modules of the `hybrids.blocks` entry points once, which registers their blocks.
+
+    Raises:
+        ConfigError: an entry point that fails to import (named, with its error, in one line).
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # before loading: a plugin that looks blocks up while it imports must not recurse
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # any import-time failure of third-party code
+            raise ConfigError(f"block plugin {ep.name!r} ({ep.value}, entry point group {ENTRY_POINT_GROUP}) "
+                              f"failed to load: {type(err).__name__}: {err}") from None
+
+
 def get(key: str) -> Entry:
     """Look a block up by name or symbol.
 
     Raises:
         RegistryError: naming the valid names and symbols.
     """
+    load_plugins()
     entry = _by_name.get(key) or _by_symbol.get(key)
     if entry is None:
         raise RegistryError(f"unknown block {key!r}; valid blocks: {describe()}")
@@ -81,7 +111,8 @@ def get(key: str) -> Entry:
 
 
 def entries() -> list[Entry]:
-    """All registered blocks, in registration order."""
+    """All registered blocks, in registration order (built-in blocks, then those of plugins)."""
+    load_plugins()
     return list(_by_name.values())
 
 

@@ -89,7 +89,8 @@ class SharedAttention(Block):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, *, emb: torch.Tensor | None = None,
                 invocation: int = 0, **context) -> torch.Tensor:
-        """x: (B, T, d_model) residual stream; emb: (B, T, d_model) original embeddings (if concat)."""
+        """x: (B, T, d_model) residual stream; emb: (B, T, d_model) original embeddings (if concat); context
+        (doc_ids) goes to the attention."""
         c = self.config
         check(0 <= invocation < c.n_invocations,
               f"shared block: invocation {invocation} out of range 0..{c.n_invocations - 1}")

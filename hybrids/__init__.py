@@ -4,6 +4,8 @@ The public API, imported on first use so that `import hybrids` loads neither tor
 sweep and tracking stacks (lightning, hydra, optuna, mlflow, transformers):
 
     model = hybrids.build("zamba-tiny")                    # a HybridLM from a recipe, YAML file or layout
+    model.save_pretrained("out/zamba"); hybrids.from_pretrained("out/zamba")   # config.json + model.safetensors
+    model = hybrids.from_run("runs/train/<name>")          # a training run's last checkpoint
     hybrids.stats("zamba-7b").table()                      # params, FLOPs, cache bytes (meta device)
     result = hybrids.train(["model=zamba-tiny", "task=mqar", "trainer.max_steps=20"])
     hybrids.run_study(["study=attention-spacing", "n_trials=2"])
@@ -23,8 +25,10 @@ _EXPORTS = {
     "ModelConfig": "hybrids.config",
     "load_config": "hybrids.config",
     "parse_layout": "hybrids.layout",
-    "from_hf": "hybrids.hf_interop",
-    "to_hf": "hybrids.hf_interop",
+    "from_hf": "hybrids.hf.interop",
+    "to_hf": "hybrids.hf.interop",
+    "from_pretrained": "hybrids.save",
+    "from_run": "hybrids.save",
     "Stats": "hybrids.accounting",
     "stats": "hybrids.accounting",
     "match_width": "hybrids.accounting",

@@ -3,7 +3,9 @@
     hybrids blocks                     list the registered blocks and their config fields
     hybrids layout "6M:A*" --depth 78  resolve a layout string, then account for a model built from it
     hybrids info zamba-7b              parameters, FLOPs per token and cache bytes of a recipe, YAML or layout
+    hybrids info hf:bamba              the same for an HF family's default config, or an HF model directory
     hybrids data sample task=mqar n=8  write examples of a synthetic task to an .npz file and print a few
+    hybrids eval run=runs/train/<name>  long-context probes (and lm-eval tasks) of a run or saved model
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import dataclasses
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -44,8 +47,18 @@ def _layout(args) -> int:
 
 
 def _info(args) -> int:
-    print(_stats(args, args.source).table(layers=args.layers))
+    source = args.source
+    if hf_source(source):
+        from hybrids.hf.interop import config_from_source  # transformers only when an HF model is named
+
+        source = config_from_source(source)
+    print(_stats(args, source).table(layers=args.layers))
     return 0
+
+
+def hf_source(source: str) -> bool:
+    """An HF family ("hf:bamba") or a directory holding an HF config.json."""
+    return source.startswith("hf:") or (Path(source) / "config.json").is_file()
 
 
 def _assignment(text: str) -> tuple[str, object]:
@@ -93,11 +106,12 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from search.objective import TrialInterrupted
     from search.runner import run_study
+    from search.storage import shown
     from search.study_config import DEFAULT_STORAGE, load_study
 
     config, extra_train = load_study(args.overrides)
     print(f"study {config.name}: {config.n_trials} trials, {config.sampler} sampler, "
-          f"storage {config.resolved_storage()}")
+          f"storage {shown(config.resolved_storage())}")
     try:
         result = run_study(config, extra_train)
     except TrialInterrupted as err:
@@ -147,6 +161,13 @@ def _data(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from hybrids.evaluation.runner import evaluate, table
+
+    print(table(evaluate(args.options)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrids", description="Hybrid SSM / attention model experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _accounting_options(lay)
     lay.set_defaults(run=_layout)
     info = sub.add_parser("info", help="parameters, FLOPs and cache bytes of a model")
-    info.add_argument("source", help='a recipe name ("zamba-7b"), a YAML file or a layout ("6M:A*")')
+    info.add_argument("source", help='a recipe name ("zamba-7b"), a YAML file, a layout ("6M:A*"), an HF model '
+                                     'directory or an HF family ("hf:bamba", "hf:falcon_h1", ...)')
     info.add_argument("--layers", action="store_true", help="also list the layout layer by layer")
     _accounting_options(info)
     info.set_defaults(run=_info)
@@ -178,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="tables and figures of a study: hybrids report study=attention-spacing")
     rp.add_argument("options", nargs="*", help="study=<name> [storage=URL] [out=DIR] [mlflow=false]")
     rp.set_defaults(run=_report)
+    ev = sub.add_parser("eval", help="evaluate a run or saved model: hybrids eval run=runs/train/<name> tasks=probes")
+    ev.add_argument("options", nargs="*", help="run=DIR | model=DIR, tasks=probes,<lm-eval task>,... "
+                                               "[limit=N] [min_len=64] [max_len=1024] [out=DIR] [mlflow=false] ...")
+    ev.set_defaults(run=_eval)
     web = sub.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1 only) and the optuna-dashboard command")
     ui.add_arguments(web)
     web.set_defaults(run=ui.main_ui)

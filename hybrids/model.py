@@ -40,12 +40,13 @@ class Layer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, inject=None, cache: Cache | None = None, step: bool = False, **context):
+        """context (doc_ids in a forward, position in the fixed-shape step) goes to the blocks."""
         if self.mixer is not None:
             h = self.mixer_norm(x if inject is None else x + inject)
-            x = x + (self.mixer.step(h, cache, **context) if step else self.mixer(h, cache))
+            x = x + (self.mixer.step(h, cache, **context) if step else self.mixer(h, cache, **context))
             inject = None
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x if inject is None else x + inject))
+            x = x + self.mlp(self.mlp_norm(x if inject is None else x + inject), **context)
         return x
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None):
@@ -150,7 +151,8 @@ class HybridLM(nn.Module):
         return self._layer(symbol, None)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, step: bool = False,
-                return_hidden: bool = False, position: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, position: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) -> logits (B, T, vocab). With a cache: prefill (step=False) or one step.
 
         return_hidden: return the final hidden states (B, T, d_model) after the final norm instead of the logits
@@ -158,16 +160,24 @@ class HybridLM(nn.Module):
         position: a 0-dim int64 tensor, the index of the one new token (step=True): the fixed-shape step of
             `hybrids.decode`, which writes at that index of the preallocated caches and leaves `cache.position`
             and the KV caches' lengths to the caller.
+        doc_ids: (B, T) int document ids of packed rows (`blocks.ops.documents`), or None for one document per
+            row. Every block gets them and every mixer resets at a document start, so each document's logits
+            are those it gets alone. Generation (a cache's prefill and steps) serves one document per row:
+            doc_ids with a cache is an error.
         """
-        context = {} if position is None else {"position": position}
+        if doc_ids is not None and (cache is not None or doc_ids.shape != input_ids.shape):
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match input_ids {tuple(input_ids.shape)} and "
+                             "come without a cache (generation runs one document per row)")
+        context = {} if doc_ids is None else {"doc_ids": doc_ids}
+        if position is not None:
+            context["position"] = position
         x = self.embed(input_ids)
         emb, pending = x, None
         for i, entry in enumerate(self.plan):
             c = cache.items[i] if cache is not None else None
             if entry[0] == "shared":
                 block = self.shared[entry[1]]
-                out = block.step(x, c, emb=emb, invocation=entry[2], **context) if step else \
-                    block(x, c, emb=emb, invocation=entry[2])
+                out = (block.step if step else block)(x, c, emb=emb, invocation=entry[2], **context)
                 if self.config.inject == "residual":
                     x = x + out
                 else:
@@ -181,6 +191,19 @@ class HybridLM(nn.Module):
             cache.position += input_ids.shape[1]
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def save_pretrained(self, directory, tokenizer: str | None = None):
+        """Write config.json + model.safetensors to `directory` (see hybrids.save); returns the folder."""
+        from hybrids.save import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype: torch.dtype | None = None) -> HybridLM:
+        """The model `save_pretrained` wrote to `directory`, in eval mode (see hybrids.save)."""
+        from hybrids.save import from_pretrained
+
+        return from_pretrained(directory, device, dtype)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the blocks' auxiliary losses from the last forward (MoE load balancing), or None."""

@@ -32,6 +32,20 @@ def points(config: StudyConfig) -> list[dict[str, Any]]:
     return out
 
 
+def check_devices(devices: list[int] | None) -> None:
+    """Every GPU index a study names exists on this machine (one line otherwise)."""
+    if devices is None:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"devices={devices} names GPUs, but this machine has no CUDA GPU; leave devices out")
+    missing = sorted({d for d in devices if d >= count})
+    if missing:
+        raise ConfigError(f"devices={devices}: this machine has {count} GPU(s) (0..{count - 1}); no GPU {missing[0]}")
+
+
 def check_study(config: StudyConfig, extra_train: list[str]) -> None:
     """Check the study's folders, then compose every trial's config and check it as training would.
 
@@ -47,6 +61,10 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
     from hybrids.training.run import check_vocab
     from hybrids.training.schedules import build_schedule
 
+    check_devices(config.devices)
+    if config.tracked and config.resolved_storage() == config.tracking_uri:
+        raise ConfigError(f"storage and tracking_uri name the same database ({config.tracking_uri.split('@')[-1]}): "
+                          "Optuna and MLflow each need their own (both keep an alembic_version table)")
     check_writable(config.runs_dir, "trial folder")
     stores = [(config.resolved_storage(), "study storage")]
     stores += [(config.tracking_uri, "MLflow store")] if config.tracked else []

@@ -137,6 +137,7 @@ class Objective:
             result = train(config, callbacks=[pruning] if pruning else None)
         trial.set_user_attr("run_dir", str(result.run_dir))
         trial.set_user_attr("mlflow_run_id", result.mlflow_run_id)
+        trial.set_user_attr("resumed_from", result.resumed_from)  # a retry's checkpoint; None: started at step 0
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
         if pruning is not None:
             pruning.check_pruned()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
+import time
 from dataclasses import asdict
 
 import optuna
@@ -64,7 +66,8 @@ def _parent_run(config: StudyConfig, identity: StudyIdentity, study: optuna.Stud
 def _queue(config: StudyConfig, study: optuna.Study) -> int:
     """Queue every trial the study still needs, before any worker starts: the grid points that no trial
     covers yet, or (other samplers) empty trials that the sampler fills in when a worker claims them, up to
-    `n_trials` trials that are finished, running or queued. Failed trials are re-queued by `recover`."""
+    `n_trials` trials that are finished, running or queued. Failed trials are re-queued by whoever failed
+    them (search.storage.recover)."""
     trials = study.get_trials(deepcopy=False)
     if config.sampler == "grid":
         covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials]
@@ -123,11 +126,12 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
                   f"s): left to that worker; if the worker is gone, the trial counts as stale and is retried by a "
                   f"run started in {left:.0f} s or later", flush=True)
         queued = _queue(config, study)
-        if config.workers == 1:
-            work(config, identity, extra_train, parent)
+        sweep = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"  # this command's workers' trials
+        if config.workers == 1 or counts(study)["done"] >= config.n_trials:  # done: no worker to start
+            work(config, identity, extra_train, parent, sweep)
             exitcodes = [0]
         else:
-            exitcodes = _run_workers(config, identity, extra_train, parent)
+            exitcodes = _run_workers(config, identity, extra_train, parent, sweep)
     except (KeyboardInterrupt, TrialInterrupted):
         _close_parent(config, study, parent, "KILLED")
         raise
@@ -139,12 +143,13 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
     return {"counts": final, "recovered": recovered, "queued": queued, "storage": url, "study": identity}
 
 
-def _run_workers(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent: str) -> list[int]:
+def _run_workers(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent: str,
+                 sweep: str) -> list[int]:
     """Start `config.workers` local worker processes and wait for them; returns their exit codes."""
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // config.workers)
-    procs = [ctx.Process(target=worker_main, args=(asdict(config), identity, extra_train, parent, threads))
-             for _ in range(config.workers)]
+    procs = [ctx.Process(target=worker_main, args=(asdict(config), identity, extra_train, parent, threads, sweep, i))
+             for i in range(config.workers)]
     for p in procs:
         p.start()
     try:

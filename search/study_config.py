@@ -65,6 +65,7 @@ class StudyConfig:
     x: str | None = None  # x axis of the main figure (a trial attr such as n_attention)
     storage: str | None = None  # None: sqlite:///runs/optuna.db (1 worker) or a journal file (several)
     workers: int = 1
+    devices: list[int] | None = None  # GPU indices: worker i trains on devices[i % len(devices)]; None: as torch picks
     heartbeat_interval: float = 5.0
     grace_period: float = 30.0
     max_retry: int = 2
@@ -137,6 +138,9 @@ class StudyConfig:
                 name = {int: "an integer", float: "a number", str: "a string", list: "a list",
                         dict: "a mapping"}[kind]
                 raise ConfigError(f"{key} must be {name}, got {value!r}")
+        if self.devices is not None and (not isinstance(self.devices, list) or not self.devices
+                                         or not all(_is_a(d, int) and d >= 0 for d in self.devices)):
+            raise ConfigError(f"devices must be a non-empty list of GPU indices, e.g. [0, 1], got {self.devices!r}")
         if not all(_is_a(s, int) for s in self.seeds):
             raise ConfigError(f"seeds must be a list of integers, got {self.seeds!r}")
         if not all(isinstance(o, str) for o in self.train):
@@ -164,6 +168,10 @@ class StudyConfig:
     def matching(self) -> Match | None:
         """The study's width matching, parsed; None when its arms are not budget-matched."""
         return parse_match(self.match)
+
+    def device(self, worker: int) -> int | None:
+        """The GPU that worker number `worker` trains on (None: the study names no devices)."""
+        return None if self.devices is None else self.devices[worker % len(self.devices)]
 
     def resolved_storage(self) -> str:
         if self.storage:

@@ -1,19 +1,26 @@
-"""A sweep worker: claim queued trials one at a time and run them until none is left.
+"""A sweep worker: recover, claim a queued trial, run it; until the study is done.
 
 `run_study` queues every trial the study still needs before any worker starts (grid points, or empty
 trials the sampler fills in), so a worker only ever claims a WAITING trial. Claiming is one atomic state
 change in the storage: two workers never run the same trial, and no worker creates a trial beyond the
-study's target.
+study's target. Before each claim the worker fails stale trials and queues their retries
+(`search.storage.recover`); with nothing left to claim it waits while a trial of its own sweep still runs,
+since that trial's worker may die and leave a retry to take.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import logging
 import math
 import os
+import secrets
 import signal
+import socket
+import sys
+import time
 import warnings
 
 import optuna
@@ -24,14 +31,22 @@ from hybrids.training.progress import format_duration
 from search.identity import StudyIdentity
 from search.objective import Objective, TrialInterrupted
 from search.protocol import ArmMedianPruner
-from search.storage import counts, open_storage
+from search.storage import counts, open_storage, recover, retry
 from search.study_config import StudyConfig
 
+SWEEP, WORKER, SAMPLER_SEED = "sweep", "worker", "sampler_seed"  # user attrs: who ran a trial, with what seed
 
-def _sampler(config: StudyConfig):
+
+def sampler_seed() -> int:
+    """A fresh seed for one worker's sampler: workers of one sweep, of a top-up or of another machine
+    never propose the same sequence of points. Each trial records the seed of the worker that ran it."""
+    return secrets.randbits(31)
+
+
+def _sampler(config: StudyConfig, seed: int):
     if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=0)
-    return optuna.samplers.RandomSampler(seed=0)  # grid points are queued up front; random fills nothing
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid points are queued up front; random fills nothing
 
 
 def _pruner(config: StudyConfig):
@@ -44,8 +59,8 @@ def _pruner(config: StudyConfig):
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
 
 
-def open_study(config: StudyConfig, identity: StudyIdentity, storage) -> optuna.Study:
-    return optuna.load_study(study_name=identity.name, storage=storage, sampler=_sampler(config),
+def open_study(config: StudyConfig, identity: StudyIdentity, storage, seed: int = 0) -> optuna.Study:
+    return optuna.load_study(study_name=identity.name, storage=storage, sampler=_sampler(config, seed),
                              pruner=_pruner(config))
 
 
@@ -61,18 +76,22 @@ def claim(study: optuna.Study, storage: optuna.storages.BaseStorage, target: int
     return None
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, objective) -> optuna.trial.FrozenTrial:
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective, max_retry: int) -> optuna.trial.FrozenTrial:
     """Run `objective` on a claimed trial and record its end: COMPLETE, PRUNED, or FAIL (a non-finite value,
-    or an error, which is re-raised after it is recorded)."""
+    or an error, which is re-raised after it is recorded). A failed trial's retry is queued here, by the
+    worker that failed it (search.storage.retry)."""
     try:
         value = objective(trial)
     except optuna.TrialPruned:
         return study.tell(trial, state=TrialState.PRUNED)
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
+        retry(study, trial.number, max_retry)
         raise
     if value is None or not math.isfinite(value):
-        return study.tell(trial, state=TrialState.FAIL)
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        retry(study, trial.number, max_retry)
+        return frozen
     return study.tell(trial, value)
 
 
@@ -133,25 +152,55 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None) -> None:
-    """One worker: run queued trials until the study reaches its target or its queue is empty."""
+def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None,
+         sweep: str = "", index: int = 0) -> None:
+    """One worker (number `index` of the sweep `sweep`): recover, claim and run queued trials until the study
+    reaches its target, or nothing is queued and no trial of this sweep still runs."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if (device := config.device(index)) is not None:  # before CUDA starts: this process sees one GPU, as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
     quiet()
     storage = open_storage(config.resolved_storage())
-    study = open_study(config, identity, storage)
+    seed = sampler_seed()
+    study = open_study(config, identity, storage, seed)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    on = f", GPU {config.device(index)}" if config.devices is not None else ""
+    print(f"worker {index} ({name}{on}): sampler seed {seed}", flush=True)
     objective = Objective(config, identity, extra_train, parent_run_id)
     progress = Progress(config.n_trials, config.workers)
-    while (trial := claim(study, storage, config.n_trials)) is not None:
-        progress(study, run_trial(study, trial, objective))
+    while True:
+        recover(study, config.grace_period, config.max_retry)
+        trial = claim(study, storage, config.n_trials)
+        if trial is None:
+            if counts(study)["done"] >= config.n_trials or not _running_in(study, sweep):
+                return
+            time.sleep(config.heartbeat_interval)  # a trial of this sweep runs: its worker may yet die
+            continue
+        for key, value in {SWEEP: sweep, WORKER: name, SAMPLER_SEED: seed}.items():
+            trial.set_user_attr(key, value)
+        progress(study, run_trial(study, trial, objective, config.max_retry))
         gc.collect()
 
 
+def _running_in(study: optuna.Study, sweep: str) -> bool:
+    """Whether a trial claimed by a worker of sweep `sweep` is RUNNING (trials of other sweeps, such as
+    another machine's, are left to them)."""
+    return any(t.user_attrs.get(SWEEP) == sweep for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 def worker_main(config_dict: dict, identity: StudyIdentity, extra_train: list[str], parent_run_id: str | None,
-                threads: int) -> None:
+                threads: int, sweep: str, index: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    code = 0
     try:
-        work(StudyConfig(**config_dict), identity, extra_train, parent_run_id)
+        work(StudyConfig(**config_dict), identity, extra_train, parent_run_id, sweep, index)
     except TrialInterrupted:
-        os._exit(130)
+        code = 130
+    # everything the worker did is in the storage: run Python's exit handlers, then skip the interpreter's native
+    # teardown of torch and Lightning (seconds per process on a busy machine)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,5 +1,6 @@
 import math
 import os
+import uuid
 
 import pytest
 import torch
@@ -57,3 +58,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def postgres_url() -> str:
+    """The test server's URL (HYBRIDS_TEST_POSTGRES, printed by `.ci/postgres start`); without it the test is
+    skipped, or fails where HYBRIDS_REQUIRE_POSTGRES=1 (CI must run every PostgreSQL test)."""
+    url = os.environ.get("HYBRIDS_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("HYBRIDS_REQUIRE_POSTGRES") == "1":
+            pytest.fail("HYBRIDS_REQUIRE_POSTGRES=1 but HYBRIDS_TEST_POSTGRES is unset (`.ci/postgres start` sets it)")
+        pytest.skip("no PostgreSQL server: set HYBRIDS_TEST_POSTGRES (eval \"$(.ci/postgres start)\")")
+    return url
+
+
+@pytest.fixture
+def postgres_databases():
+    """Makes fresh databases on the test server (each call: one more URL), dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    server = make_url(postgres_url())
+    admin = create_engine(server, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # outlives a restart
+    names = []
+
+    def create() -> str:
+        names.append(f"hybrids_test_{uuid.uuid4().hex[:10]}")
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {names[-1]}"))
+        return server.set(database=names[-1]).render_as_string(hide_password=False)
+
+    yield create
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture
+def postgres(postgres_databases):
+    """A fresh database on the test server, dropped afterwards: its URL."""
+    return postgres_databases()

@@ -20,7 +20,8 @@ def test_import_hybrids_loads_no_training_or_sweep_stack():
 
 def test_every_public_name_resolves_to_its_definition():
     from analysis.frames import study_frame
-    from hybrids import accounting, config, hf_interop, layout, model
+    from hybrids import accounting, config, layout, model, save
+    from hybrids.hf import interop as hf_interop
     from hybrids.training.run import train
     from search.runner import run_study
 
@@ -28,7 +29,8 @@ def test_every_public_name_resolves_to_its_definition():
         "build": model.build, "HybridLM": model.HybridLM, "load_config": config.load_config,
         "ModelConfig": config.ModelConfig, "parse_layout": layout.parse_layout, "from_hf": hf_interop.from_hf,
         "to_hf": hf_interop.to_hf, "stats": accounting.stats, "Stats": accounting.Stats,
-        "match_width": accounting.match_width, "train": train, "run_study": run_study, "study_frame": study_frame,
+        "match_width": accounting.match_width, "from_pretrained": save.from_pretrained, "from_run": save.from_run,
+        "train": train, "run_study": run_study, "study_frame": study_frame,
     }
     assert sorted(hybrids.__all__) == sorted(["__version__", *expected])
     for name, value in expected.items():

@@ -7,6 +7,7 @@ exit code and the exact line. Checkpoints, read-only folders and interrupts are 
 import sys
 
 import pytest
+import torch
 
 from hybrids.cli import main
 
@@ -28,6 +29,11 @@ def one_line(capsys) -> str:
     ("optim.grad_clip=-1", "optim.grad_clip must be a number >= 0 (0 turns it off), got -1.0"),
     ("trainer.accelerator=tpu", "trainer.accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
     ("trainer.val_batches=0", "trainer.val_batches must be positive, got 0"),
+    ("trainer.strategy=deepspeed", "trainer.strategy must be one of auto, ddp, fsdp, got 'deepspeed'"),
+    ("trainer.devices=0", "trainer.devices must be positive, got 0"),
+    ("trainer.num_nodes=0", "trainer.num_nodes must be positive, got 0"),
+    ("trainer.devices=3", "trainer.batch_size = 32 (the global batch) must be a multiple of trainer.devices x "
+                          "trainer.num_nodes = 3"),
     ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps must be an integer >= 0, got -1"),
     ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio must be a number in [0, 1], got 2.0"),
@@ -104,15 +110,28 @@ def test_sweep_on_a_bad_study_file(files, source, message, capsys):
     ("storage=5", "storage must be a string, got 5"),
     ("n_trials=[", "value of 'n_trials' is not valid YAML: '['"),
     ("sampler=bayes", "sampler must be one of grid, tpe, random, got 'bayes'"),
+    ("storage=sqlite:///runs/one.db tracking_uri=sqlite:///runs/one.db",
+     "storage and tracking_uri name the same database (sqlite:///runs/one.db): Optuna and MLflow each need their own "
+     "(both keep an alembic_version table)"),
+    ("devices=1", "devices must be a non-empty list of GPU indices, e.g. [0, 1], got 1"),
+    ("devices=[-1]", "devices must be a non-empty list of GPU indices, e.g. [0, 1], got [-1]"),
 ])
 def test_bad_study_values(files, override, message, capsys):
-    assert _sweep_error(capsys, "study=attention-spacing", override) == f"hybrids: error: {message}"
+    assert _sweep_error(capsys, "study=attention-spacing", *override.split()) == f"hybrids: error: {message}"
+    assert not (files / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_sweep_on_gpus_this_machine_lacks_is_one_line(files, capsys):
+    line = _sweep_error(capsys, "study=attention-spacing", "devices=[0,1]", "workers=2")
+    assert line == "hybrids: error: devices=[0, 1] names GPUs, but this machine has no CUDA GPU; leave devices out"
     assert not (files / "runs").exists()
 
 
 def test_unknown_study_key_lists_the_valid_ones(files, capsys):
     line = _sweep_error(capsys, "study=attention-spacing", "n_trial=2")
-    assert line.startswith("hybrids: error: unknown study key 'n_trial'; valid: artifacts, direction, grace_period")
+    assert line.startswith("hybrids: error: unknown study key 'n_trial'; valid: artifacts, devices, direction, "
+                           "grace_period")
 
 
 def study_text(metric="val/accuracy", layout="2M", train="model=mamba-tiny, trainer.max_steps=40"):
@@ -157,6 +176,47 @@ def test_postgres_url_without_a_driver_names_the_extra(monkeypatch, capsys):
     for module in ("psycopg", "psycopg2"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     assert main(["report", "study=x", "storage=postgresql://u:p@127.0.0.1:1/db"]) == 2
-    assert one_line(capsys) == ("hybrids: error: cannot open study storage 'postgresql://u:p@127.0.0.1:1/db': no "
+    assert one_line(capsys) == ("hybrids: error: cannot open study storage 'postgresql://u:***@127.0.0.1:1/db': no "
                                 "database driver for postgresql is installed; pip install 'hybrids[postgres]' "
                                 "(psycopg 3, the default driver of postgresql:// URLs from SQLAlchemy 2.1)")
+
+
+def test_more_devices_than_the_machine_has_writes_nothing(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert main(["train", f"run.dir={tmp_path}/train", "tracking.enabled=false", "trainer.devices=4"]) == 2
+    assert one_line(capsys) == ("hybrids: error: trainer.devices = 4 but this machine has 2 CPU core(s) (one process "
+                                "each); set trainer.devices=2 or fewer")
+    assert main(["train", f"run.dir={tmp_path}/train", "tracking.enabled=false", "trainer.devices=2",
+                 "trainer.accelerator=gpu"]) == 2
+    assert one_line(capsys) == ("hybrids: error: trainer.devices = 2 but this machine has 0 CUDA GPU(s); set "
+                                "trainer.devices=1 or fewer")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _sweep_storage(tmp_path, storage):
+    return ["sweep", "study=attention-spacing", f"storage={storage}", "workers=2", f"runs_dir={tmp_path}/sweeps",
+            f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"artifacts={tmp_path}/artifacts"]
+
+
+def test_unreachable_storage_url_is_one_line_and_writes_nothing(tmp_path, capsys):
+    pytest.importorskip("psycopg")
+    assert main(_sweep_storage(tmp_path, "postgresql+psycopg://u:secret@127.0.0.1:1/db")) == 2
+    line = one_line(capsys)
+    assert line.startswith("hybrids: error: cannot open study storage 'postgresql+psycopg://u:***@127.0.0.1:1/db': "
+                           "(psycopg.OperationalError) connection failed: ") and "secret" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_postgres_password_is_one_line_and_writes_nothing(tmp_path, capsys, postgres):
+    from sqlalchemy.engine import make_url
+
+    wrong = make_url(postgres).set(password="wrong").render_as_string(hide_password=False)
+    assert main(_sweep_storage(tmp_path, wrong)) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"hybrids: error: cannot open study storage "
+                           f"'{make_url(wrong).render_as_string(hide_password=True)}': ")
+    assert line.endswith('password authentication failed for user "hybrids"') and "wrong" not in line
+    assert list(tmp_path.iterdir()) == []

@@ -136,7 +136,7 @@ def test_ctrl_c_during_trial_set_up_records_the_trial_as_failed(tmp_path, monkey
     assert err.strip().splitlines()[-1] == ("hybrids: trial 0 interrupted: recorded as failed; run the same "
                                             "command again to resume it from its checkpoint")
     study = optuna.load_study(study_name="attention-spacing", storage=f"sqlite:///{tmp_path}/study.db")
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]  # and its retry, queued
 
 
 def test_rerun_within_the_grace_period_says_which_trial_runs_and_when_it_is_retried(tmp_path, capsys):

@@ -16,14 +16,16 @@ kernels_needed = pytest.mark.skipif(not (torch.cuda.is_available() and importabl
 
 
 @kernels_needed
+@pytest.mark.parametrize("documents", [False, True], ids=["one-doc", "seq_idx"])
 @pytest.mark.parametrize("gated", [False, True], ids=["no-z", "z"])
-def test_ssd_custom_op_passes_opcheck(gated):
+def test_ssd_custom_op_passes_opcheck(gated, documents):
     from blocks.ops import kernels
 
     x, dt, A, B, C, D, z, bias = ssd_inputs(b=2, length=300, heads=4, headdim=16, groups=1, n=16,
                                             dtype=torch.float32, device="cuda")
-    torch.library.opcheck(kernels.ssd_fwd, (x, dt, A, B, C, 64, D, z if gated else None, bias, None, True, 0.0,
-                                            float("inf")))
+    doc_ids = (torch.arange(300, device="cuda") >= 170).expand(2, -1) if documents else None
+    torch.library.opcheck(kernels.ssd_fwd, (x, dt, A, B, C, 64, D, z if gated else None, bias, None,
+                                            kernels.seq_idx(doc_ids), True, 0.0, float("inf")))
 
 
 @kernels_needed

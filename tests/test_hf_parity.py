@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from blocks import ConfigError  # noqa: E402
 from hybrids.config import load_config  # noqa: E402
-from hybrids.hf_interop import config_from_hf, from_hf, layout_text, load_weights, to_hf  # noqa: E402
-from hybrids.hf_jamba import weight_map as jamba_weight_map  # noqa: E402
-from hybrids.hf_zamba import star_layout  # noqa: E402
-from hybrids.hf_zamba import weight_map as zamba_weight_map  # noqa: E402
+from hybrids.hf.interop import config_from_hf, from_hf, layout_text, load_weights, to_hf  # noqa: E402
+from hybrids.hf.jamba import weight_map as jamba_weight_map  # noqa: E402
+from hybrids.hf.zamba import star_layout  # noqa: E402
+from hybrids.hf.zamba import weight_map as zamba_weight_map  # noqa: E402
 from hybrids.layout import Layer, parse_layout  # noqa: E402
 from hybrids.model import HybridLM, build  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_export_native_model(family, ids):
 @pytest.mark.parametrize(("layout", "options", "message"), [
     ("2M:A*:M:A*", {}, "none after the last layer"),
     ("2M:A*:M", {}, "exactly one hybrid layer"),
-    ("4M2", {}, "at least one shared invocation"),
+    ("4M", {}, "at least one shared invocation"),
     ("M:2A*:M", {}, "at most one shared invocation"),
     ("M2:A*x:M2:A*y:M2:A*y", {}, "round-robin"),
     ("M+F:A+F", {}, "Jamba's Mamba has one head and inner norms"),

@@ -57,9 +57,9 @@ def test_postgres_url_reaches_the_driver_and_fails_on_the_connection():
     with pytest.raises(ConfigError) as err:
         open_storage("postgresql://hybrids:secret@127.0.0.1:1/hybrids")
     message = str(err.value)
-    assert message.startswith("cannot open study storage 'postgresql://hybrids:secret@127.0.0.1:1/hybrids': "
+    assert message.startswith("cannot open study storage 'postgresql://hybrids:***@127.0.0.1:1/hybrids': "
                               "(psycopg.OperationalError) connection failed")
-    assert "driver" not in message
+    assert "driver" not in message and "secret" not in message  # a password never reaches the screen or a log
 
 
 def test_missing_postgres_driver_names_the_package(monkeypatch):

@@ -155,7 +155,8 @@ def test_random_layouts_with_parallel_layers_round_trip(nodes):
 
 
 @pytest.mark.parametrize("text, reason, column", [
-    ("(A|F)", "'F' is a block of kind 'mlp'; the branches of a parallel layer are mixers (one of M, M2, A, W, G, H)", 3),
+    ("(A|F)", "'F' is a block of kind 'mlp'; the branches of a parallel layer are mixers "
+              "(one of M, M2, A, W, G, H)", 3),
     ("M:(A|S)", "'S' is a block of kind 'shared'; the branches of a parallel layer are mixers "
                 "(one of M, M2, A, W, G, H)", 5),
     ("(A|", "expected a mixer symbol (one of M, M2, A, W, G, H) but found the end of the layout", 3),

@@ -159,7 +159,7 @@ def test_bad_windows_are_one_clear_line(make, message):
 
 
 def test_hf_jamba_export_refuses_windowed_attention():
-    from hybrids.hf_jamba import hf_config
+    from hybrids.hf.jamba import hf_config
 
     model = build("M+F:W+F", d_model=D, device="meta", **{"blocks.sliding_attention.n_heads": 4,
                                                          "blocks.mamba.inner_norms": True,

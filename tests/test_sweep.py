@@ -119,7 +119,10 @@ def test_sigterm_records_the_trial_as_failed_never_running(tmp_path):
     for banner in ("GPU available", "TPU available", "LOCAL_RANK", "You are using a CUDA device", "View run",
                    "litlogger", "database tables", "alembic", "`Trainer.fit` stopped"):
         assert banner not in out, out
-    assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    trials = load(tmp_path).get_trials()
+    # the worker that failed the trial queued its retry (last): the same command resumes it from its checkpoint
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]
+    assert trials[2].user_attrs["retry_of"] == 0 and trials[2].system_attrs["fixed_params"] == trials[0].params
     from mlflow import MlflowClient
 
     parent = load(tmp_path).user_attrs["mlflow_parent_run_id"]

@@ -55,6 +55,14 @@ def _warn_no_kernels(error: str) -> None:
                 "slower (install the kernels with pip install .[cuda], or set backend=torch to silence this)", error)
 
 
+@functools.cache
+def warn_no_boundaries(kernel: str) -> None:
+    """Once per process and kernel: a batch with document ids runs that op on the PyTorch path."""
+    log.warning("%s cannot reset its state at document boundaries; batches with document ids run it on the "
+                "PyTorch path, which is much slower (data.reset_at_boundaries=false keeps the kernel and lets "
+                "state flow across documents)", kernel)
+
+
 def resolve(name: str, device: torch.device) -> str:
     """The backend that runs for tensors on `device`: "torch" or "mamba_ssm".
 

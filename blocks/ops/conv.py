@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blocks.ops.documents import positions
+
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation in ("silu", "swish"):
@@ -14,17 +16,31 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"conv activation must be 'silu', 'swish' or None, got {activation!r}")
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None):
+def causal_conv1d_torch(x, weight, bias=None, activation=None, doc_ids=None):
     """y_t = sum_k weight[:, k] * x_{t-K+1+k} (+ bias), zero history.
 
     Args:
         x: (B, D, L). weight: (D, K). bias: (D,) or None. activation: "silu" or None.
+        doc_ids: (B, L) document ids (see `blocks.ops.documents`) or None: taps that would reach into an
+            earlier document read zeros, as at the start of a row.
     Returns:
         (B, D, L) in x's dtype.
     """
     k = weight.shape[-1]
+    if doc_ids is not None:
+        return _document_conv(x, weight, bias, activation, positions(doc_ids)[:, None])
     y = F.conv1d(F.pad(x, (k - 1, 0)), weight[:, None].to(x.dtype),
                  bias.to(x.dtype) if bias is not None else None, groups=x.shape[1])
+    return _activate(y, activation)
+
+
+def _document_conv(x, weight, bias, activation, position):
+    """The causal conv as a sum over its K taps, tap s steps back kept where s <= the position in the document."""
+    k, length = weight.shape[-1], x.shape[-1]
+    xp, weight = F.pad(x, (k - 1, 0)), weight.to(x.dtype)
+    y = sum(weight[:, j, None] * xp[..., j : j + length].masked_fill(position < k - 1 - j, 0) for j in range(k))
+    if bias is not None:
+        y = y + bias.to(x.dtype)[:, None]
     return _activate(y, activation)
 
 

@@ -4,6 +4,9 @@
 
 with a filter h as long as the input. The FFT form zero-pads both to 2L so the circular convolution has no
 wrap-around: O(L log L) per channel. Computed in fp32 (or wider) and returned in fp32 (or wider).
+
+With document ids (`blocks.ops.documents`) each document is convolved alone: the documents of all rows are
+gathered into a zero-padded (documents, D, longest document) batch, convolved by FFT and scattered back.
 """
 
 from __future__ import annotations
@@ -12,21 +15,38 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from blocks.ops.documents import positions, segments
 
 
-def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def fft_causal_conv(u: torch.Tensor, h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal convolution of u with h by FFT.
 
     Args:
-        u: (..., D, L) input. h: (D, L') filter with L' >= L (only its first L taps are used).
+        u: (..., D, L) input, (B, D, L) with doc_ids. h: (D, L') filter with L' >= L (only its first L taps
+            are used). doc_ids: (B, L) document ids or None; no tap reaches into an earlier document.
     Returns:
         (..., D, L) in fp32 (float64 for float64 inputs).
     """
+    if doc_ids is not None:
+        return _document_conv(u, h, doc_ids)
     length = u.shape[-1]
     dtype = torch.promote_types(u.dtype, torch.float32)
     n = 2 * length
     spectrum = torch.fft.rfft(u.to(dtype), n=n) * torch.fft.rfft(h[..., :length].to(dtype), n=n)
     return torch.fft.irfft(spectrum, n=n)[..., :length]
+
+
+def _document_conv(u: torch.Tensor, h: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """`fft_causal_conv` of every document alone; u: (B, D, L) -> (B, D, L)."""
+    seg, pos = segments(doc_ids), positions(doc_ids)
+    counts = seg[:, -1] + 1  # (B,) documents per row
+    doc = (counts.cumsum(0) - counts)[:, None] + seg  # (B, L) index of each token's document among all rows
+    docs = u.new_zeros(int(counts.sum()), int(pos.max()) + 1, u.shape[1])  # (N, longest, D)
+    docs = docs.index_put((doc, pos), rearrange(u, "b d l -> b l d"))
+    y = fft_causal_conv(rearrange(docs, "n l d -> n d l"), h)  # (N, D, longest)
+    return rearrange(rearrange(y, "n d l -> n l d")[doc, pos], "b l d -> b d l")
 
 
 def causal_conv_direct(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

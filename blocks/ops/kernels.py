@@ -6,6 +6,8 @@ autograd formula that calls the kernels' own backward, so torch.compile traces a
 graph at every layer. An op's outputs are contiguous, and each gradient has its input's dtype, as the fakes say.
 Importing this module imports no kernel: `blocks.ops` imports it only for CUDA tensors with mamba_ssm present.
 causal-conv1d's functions are called as they are (an autograd Function of its own; torch.compile breaks there).
+Document ids (`blocks.ops.documents`) reach the kernels that take them as `seq_idx` (B, L) int32, one label per
+document: the SSD's forward and backward and causal-conv1d's forward.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from torch import Tensor
 
 from blocks.ops.backend import importable
 from blocks.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
+from blocks.ops.documents import segments
 
 SCAN_CHUNK = 2048  # selective_scan_cuda keeps one state per 2048 positions for its backward
+
+
+def seq_idx(doc_ids: Tensor | None) -> Tensor | None:
+    """The kernels' (B, L) int32 seq_idx: the canonical segment of each token."""
+    return None if doc_ids is None else segments(doc_ids).to(torch.int32).contiguous()
 
 
 def _out(t: Tensor) -> Tensor:
@@ -41,19 +49,21 @@ def _fake_grads(inputs) -> tuple[Tensor, ...]:
 
 @torch.library.custom_op("hybrids::ssd_fwd", mutates_args=())
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None,
-            z: Tensor | None, dt_bias: Tensor | None, initial_states: Tensor | None, dt_softplus: bool,
-            dt_min: float, dt_max: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x (b, l, h, p) -> out (b, l, h, p), out before the z gate (empty without z), final states (b, h, p, n) fp32."""
+            z: Tensor | None, dt_bias: Tensor | None, initial_states: Tensor | None, seq_idx: Tensor | None,
+            dt_softplus: bool, dt_min: float, dt_max: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x (b, l, h, p) -> out (b, l, h, p), out before the z gate (empty without z), final states (b, h, p, n) fp32.
+
+    seq_idx: (b, l) int32 document labels or None; the state restarts where the label changes."""
     from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
 
     out, out_x, _, _, _, final = _mamba_chunk_scan_combined_fwd(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
         dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
     return _out(out), _out(out_x) if z is not None else x.new_empty(0), _out(final)
 
 
 @ssd_fwd.register_fake
-def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max):
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max):
     b, _, h, p = x.shape
     gated = x.new_empty(x.shape) if z is not None else x.new_empty(0)
     return x.new_empty(x.shape), gated, x.new_empty((b, h, p, B.shape[-1]), dtype=torch.float32)
@@ -62,48 +72,49 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt
 @torch.library.custom_op("hybrids::ssd_bwd", mutates_args=())
 def ssd_bwd(dout: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, out: Tensor, chunk_size: int,
             D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, initial_states: Tensor | None,
-            dfinal_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float) -> list[Tensor]:
+            dfinal_states: Tensor | None, seq_idx: Tensor | None, dt_softplus: bool, dt_min: float,
+            dt_max: float) -> list[Tensor]:
     """Gradients of x, dt, A, B, C, D, z, dt_bias, initial_states (empty for those that are None)."""
     from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd
 
     grads = _mamba_chunk_scan_combined_bwd(
         dout, x, dt, A, B, C, out, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-        dfinal_states=dfinal_states, dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
+        dfinal_states=dfinal_states, seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
     return list(_grads(grads, (x, dt, A, B, C, D, z, dt_bias, initial_states)))
 
 
 @ssd_bwd.register_fake
-def _(dout, x, dt, A, B, C, out, chunk_size, D, z, dt_bias, initial_states, dfinal_states, dt_softplus, dt_min,
-      dt_max):
+def _(dout, x, dt, A, B, C, out, chunk_size, D, z, dt_bias, initial_states, dfinal_states, seq_idx, dt_softplus,
+      dt_min, dt_max):
     return list(_fake_grads((x, dt, A, B, C, D, z, dt_bias, initial_states)))
 
 
 def _ssd_setup(ctx, inputs, output):
-    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max = inputs
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max = inputs
     out, out_x, _ = output
     # the backward reads the output before the z gate, as mamba-ssm's MambaChunkScanCombinedFn saves it
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, out if z is None else out_x)
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out if z is None else out_x)
     ctx.options = (chunk_size, dt_softplus, dt_min, dt_max)
 
 
 def _ssd_backward(ctx, dout, _dout_x, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, out = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max = ctx.options
-    grads = ssd_bwd(dout, x, dt, A, B, C, out, chunk_size, D, z, dt_bias, initial_states, dfinal, dt_softplus,
-                    dt_min, dt_max)
+    grads = ssd_bwd(dout, x, dt, A, B, C, out, chunk_size, D, z, dt_bias, initial_states, dfinal, seq_idx,
+                    dt_softplus, dt_min, dt_max)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = (
         g if t is not None else None for g, t in zip(grads, (x, dt, A, B, C, D, z, dt_bias, initial_states),
                                                     strict=True))
-    return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, dinit, None, None, None
+    return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, dinit, None, None, None, None
 
 
 ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
 
 
 def ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states, return_final_states,
-        dt_limit):
-    out, _, final = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
-                            float(dt_limit[0]), float(dt_limit[1]))
+        dt_limit, doc_ids=None):
+    out, _, final = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx(doc_ids),
+                            dt_softplus, float(dt_limit[0]), float(dt_limit[1]))
     return (out, final) if return_final_states else out
 
 
@@ -224,12 +235,14 @@ def ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     )
 
 
-def causal_conv1d(x, weight, bias, activation):
+def causal_conv1d(x, weight, bias, activation, doc_ids=None):
     if not importable("causal_conv1d"):
-        return causal_conv1d_torch(x, weight, bias, activation)
+        return causal_conv1d_torch(x, weight, bias, activation, doc_ids)
     from causal_conv1d import causal_conv1d_fn
 
-    return causal_conv1d_fn(x, weight, bias, activation=activation)
+    if doc_ids is not None and x.stride(1) != 1:  # the kernel reads seq_idx with channel-last x only
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx(doc_ids), activation=activation)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias, activation):

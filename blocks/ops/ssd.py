@@ -5,6 +5,10 @@ B, C: (B, L, G, N) with the H heads split into G groups; D: (H,) or (H, P); z: (
 Within a chunk the output is a masked (T x T) matrix product; chunk states are passed on by a
 product with the (chunks x chunks) decay matrix. Decays enter only as exp of non-positive sums
 (`segsum`), so strong decay cannot overflow. Computed in fp32 and returned in x's dtype.
+
+With `doc_ids` (B, L) the state resets at every document start (`blocks.ops.documents`): every decay factor
+that spans a start (within a chunk, to a chunk's end, from chunk to chunk, from the carried state to a
+position) is zeroed, as mamba-ssm's kernels do with `seq_idx`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+
+from blocks.ops.documents import chunk_labels, pad_segments, segments, starts
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -52,16 +58,17 @@ def _finish(y, x, D, z, out_dtype):
 
 def ssd_chunked(
     x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-    initial_states=None, return_final_states=False, dt_limit=(0.0, float("inf")),
+    initial_states=None, return_final_states=False, dt_limit=(0.0, float("inf")), doc_ids=None,
 ):
     """SSD by chunks (matmul form); runs on CPU and GPU; any length (the last chunk is padded).
 
     Args:
         x: (B, L, H, P). dt: (B, L, H). A: (H,). B, C: (B, L, G, N). chunk_size: T.
         D: (H,) or (H, P). z: (B, L, H, P) gate or None. dt_bias: (H,). dt_softplus: softplus on dt.
-        initial_states: (B, H, P, N) or None. dt_limit: clamp for dt after softplus.
+        initial_states: (B, H, P, N) or None; they continue the first document. dt_limit: clamp for dt after
+        softplus. doc_ids: (B, L) document ids or None; the state resets at every document start.
     Returns:
-        y: (B, L, H, P) in x's dtype, and the final states (B, H, P, N) in fp32 if requested.
+        y: (B, L, H, P) in x's dtype, and the final states (B, H, P, N) in fp32 (the last document's) if requested.
     """
     out_dtype, length = x.dtype, x.shape[1]
     x0, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit)
@@ -73,14 +80,19 @@ def ssd_chunked(
     dt = rearrange(dt, "b (c t) h -> b c t h", t=chunk_size)
     xdt = x * dt[..., None]  # (B, c, T, H, P)
     dA_cs = dA.cumsum(dim=-1)  # (B, H, c, T)
+    masks = None if doc_ids is None else _document_masks(doc_ids, chunk_size, pad)
 
     # 1. Within each chunk: y_i = sum_{j<=i} C_i.B_j exp(sum dA[j+1..i]) dt_j x_j.
     decay_in = torch.exp(segsum(dA))  # (B, H, c, T, T)
+    if masks is not None:
+        decay_in = decay_in * masks["within"]
     scores = torch.einsum("bcihn,bcjhn->bhcij", C, B) * decay_in
     y = torch.einsum("bhcij,bcjhp->bcihp", scores, xdt)
 
     # 2. State at each chunk's end from its own inputs.
     decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # (B, H, c, T), exponents <= 0
+    if masks is not None:
+        decay_to_end = decay_to_end * masks["to_end"]
     states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", B, decay_to_end, xdt)
 
     # 3. Pass states across chunks: a (c+1 x c+1) decay matrix over chunk totals.
@@ -90,28 +102,45 @@ def ssd_chunked(
         initial_states = initial_states.to(states.dtype)[:, None]
     states = torch.cat([initial_states, states], dim=1)  # (B, c+1, H, P, N)
     decay_chunks = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (B, H, c+1, c+1)
+    if masks is not None:
+        decay_chunks = decay_chunks * masks["chunks"]
     states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)
     carried, final = states[:, :-1], states[:, -1]
 
     # 4. Carried state read out at every position of the next chunk.
-    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", C, carried, torch.exp(dA_cs))
+    decay_from_start = torch.exp(dA_cs) if masks is None else torch.exp(dA_cs) * masks["from_start"]
+    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", C, carried, decay_from_start)
     y = rearrange(y, "b c t h p -> b (c t) h p")[:, :length]
     y = _finish(y, x0, D, z, out_dtype)
     return (y, final) if return_final_states else y
 
 
+def _document_masks(doc_ids: torch.Tensor, chunk_size: int, pad: int) -> dict[str, torch.Tensor]:
+    """Bool masks that keep the decays within one document, shaped to multiply those of `ssd_chunked`:
+    within (B, 1, c, T, T), to_end and from_start (B, 1, c, T), chunks (B, 1, c+1, c+1)."""
+    seg = rearrange(pad_segments(segments(doc_ids), pad), "b (c t) -> b c t", t=chunk_size)
+    entering, ending = chunk_labels(seg)
+    ends = torch.cat([entering[:, :1], ending], dim=1)  # (B, c+1): the document of each state in step 3
+    masks = {"within": seg[..., :, None] == seg[..., None, :], "to_end": seg == ending[..., None],
+             "chunks": ends[:, :, None] == ends[:, None, :], "from_start": seg == entering[..., None]}
+    return {k: m[:, None] for k, m in masks.items()}
+
+
 def ssd_ref(
     x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-    initial_states=None, return_final_states=False, dt_limit=(0.0, float("inf")),
+    initial_states=None, return_final_states=False, dt_limit=(0.0, float("inf")), doc_ids=None,
 ):
     """Sequential reference of `ssd_chunked` (a loop over time; tests and benchmarks only)."""
     out_dtype = x.dtype
     x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit)
     batch, length, heads, headdim = x.shape
     h = x.new_zeros(batch, heads, headdim, B.shape[-1]) if initial_states is None else initial_states.to(x.dtype)
+    keep = None if doc_ids is None else ~starts(doc_ids)  # (B, L): False where the state resets
     ys = []
     for t in range(length):
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (B, H, 1, 1)
+        if keep is not None:
+            decay = decay * keep[:, t, None, None, None]
         h = decay * h + torch.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], B[:, t])
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
     y = _finish(torch.stack(ys, dim=1), x, D, z, out_dtype)

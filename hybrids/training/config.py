@@ -21,6 +21,7 @@ from hybrids.training.schedules import ScheduleConfig
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # what Lightning's Trainer accepts on one device
+STRATEGIES = ("auto", "ddp", "fsdp")  # Lightning's names: auto = one device, else DDP
 
 
 def _number(value) -> bool:
@@ -56,6 +57,9 @@ class TrainerConfig:
     log_every: int = 10
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"
+    devices: int = 1  # processes per node (GPUs, or CPU processes); batch_size is the global batch over all
+    strategy: str = "auto"
+    num_nodes: int = 1  # machines; torchrun or SLURM starts the processes (Lightning's environments)
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
     fused_ce: bool | str = "auto"  # fused linear cross-entropy in training steps (no (B, L, V) logits); auto: on CUDA
     seed: int = 0
@@ -70,9 +74,22 @@ class TrainerConfig:
                               f"got {self.accelerator!r}")
         if self.fused_ce not in (True, False, "auto"):
             raise ConfigError(f"trainer.fused_ce must be auto, true or false, got {self.fused_ce!r}")
-        for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every"):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every", "devices",
+                    "num_nodes"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.batch_size % (self.devices * self.num_nodes):
+            raise ConfigError(f"trainer.batch_size = {self.batch_size} (the global batch) must be a multiple of "
+                              f"trainer.devices x trainer.num_nodes = {self.devices * self.num_nodes}")
+
+
+@dataclass
+class DataConfig:
+    # LM batches carry document ids and every mixer resets at a document boundary; false lets state and
+    # attention flow from one packed document into the next (the behaviour before; itself an ablation)
+    reset_at_boundaries: bool = True
 
 
 @dataclass
@@ -98,6 +115,7 @@ class TrainConfig:
     task: dict[str, Any] = field(default_factory=lambda: {"name": "mqar"})
     phase2_task: dict[str, Any] | None = None  # two-phase schedule: the phase-2 ("high-quality") data
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -155,8 +173,10 @@ def to_yaml(config: TrainConfig) -> str:
 
 
 DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
+# where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
+PLACEMENT = ("devices", "strategy", "num_nodes")
 SPEED_ONLY = ("fused_ce",)  # trainer keys that change how a step is computed (equal within rounding), not what
-UNSCORED = DISPLAY_ONLY + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
+UNSCORED = DISPLAY_ONLY + PLACEMENT + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 
 def scored(data: dict) -> dict:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from hybrids.model import HybridLM
 from hybrids.training.config import TrainConfig
+from hybrids.training.data import rank_slice
 from hybrids.training.loss import fused_linear_cross_entropy
 from hybrids.training.schedules import Schedule
 from hybrids.training.tasks import Batch, Task
@@ -46,11 +47,11 @@ class LitHybrid(L.LightningModule):
         return DataLoader(range(self.config.trainer.val_batches), batch_size=None)
 
     def _to_device(self, batch: Batch) -> Batch:
-        extra = {k: v.to(self.device) for k, v in batch.extra.items()}
-        return Batch(batch.input_ids.to(self.device), batch.targets.to(self.device), extra)
+        """This process's slice of a global batch (all of it in a one-process run), on the module's device."""
+        return rank_slice(batch, self.global_rank, self.trainer.world_size).to(self.device)
 
     def _loss(self, batch: Batch):
-        logits = self.backbone(batch.input_ids)
+        logits = self.backbone(batch.input_ids, doc_ids=batch.doc_ids)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100)
         return logits, loss
 
@@ -61,7 +62,7 @@ class LitHybrid(L.LightningModule):
         if fused is False or (fused == "auto" and self.device.type != "cuda"):
             logits, loss = self._loss(batch)
             return loss, self.task.metrics(logits.detach(), batch)["accuracy"]
-        hidden = self.backbone(batch.input_ids, return_hidden=True)
+        hidden = self.backbone(batch.input_ids, return_hidden=True, doc_ids=batch.doc_ids)
         loss, correct = fused_linear_cross_entropy(hidden, self.model.lm_head.weight, batch.targets, IGNORE_INDEX)
         return loss, accuracy(correct, batch.targets != IGNORE_INDEX)
 
@@ -79,7 +80,7 @@ class LitHybrid(L.LightningModule):
             self.stop_reason = f"non-finite loss {total.item()} at step {step}"
             self.trainer.should_stop = True
             return None
-        tokens = batch.input_ids.numel()
+        tokens = batch.input_ids.numel() * self.trainer.world_size  # of the global batch
         size = batch.input_ids.shape[0]
         self.log_dict({"train/loss": loss.detach(), "train/accuracy": train_accuracy}, on_step=True,
                       prog_bar=True, batch_size=size)
@@ -105,7 +106,8 @@ class LitHybrid(L.LightningModule):
         batch = self._to_device(self.task.batch(int(index), self.config.trainer.batch_size, "val"))
         logits, loss = self._loss(batch)
         metrics = {f"val/{k}": v for k, v in self.task.metrics(logits, batch).items() if math.isfinite(float(v))}
-        self.log_dict({"val/loss": loss, **metrics}, on_epoch=True, batch_size=batch.input_ids.shape[0])
+        self.log_dict({"val/loss": loss, **metrics}, on_epoch=True, batch_size=batch.input_ids.shape[0],
+                      sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         o = self.config.optim

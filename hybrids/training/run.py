@@ -2,14 +2,17 @@
 
 The run directory (runs/train/<name>/) holds the resolved config, the layout, csv/version_N/metrics.csv
 (one per attempt), checkpoints
-(last.ckpt and best.ckpt) and, if the run stopped early, stopped.json. Running the same config again
+(last.ckpt and best.ckpt), data.json for a mixture of corpora (hybrids.training.corpus) and, if the run
+stopped early, stopped.json. Running the same config again
 resumes from last.ckpt: same data order (batches are a function of the step) and the same loss curve.
 A broken last.ckpt is set aside and the run resumes from the newest intact checkpoint (see files.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +53,25 @@ def _precision(config: TrainConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "32-true"
 
 
+def check_devices(config: TrainConfig) -> None:
+    """This machine must have the `trainer.devices` a run asks for (GPUs; CPU cores for CPU processes).
+
+    Raises:
+        ConfigError: one line naming what the machine has, before anything is written.
+    """
+    t = config.trainer
+    gpus = torch.cuda.device_count()
+    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus):
+        have, what = gpus, "CUDA GPU(s)"
+    elif t.accelerator == "mps":
+        have, what = int(torch.backends.mps.is_available()), "MPS device(s)"
+    else:
+        have, what = os.cpu_count() or 1, "CPU core(s) (one process each)"
+    if t.devices > have:
+        raise ConfigError(f"trainer.devices = {t.devices} but this machine has {have} {what}; "
+                          f"set trainer.devices={max(have, 1)} or fewer")
+
+
 def check_vocab(config: TrainConfig, task) -> None:
     """The model's vocabulary must hold every token id the task generates."""
     if config.model.vocab_size < task.vocab_size:
@@ -59,12 +81,13 @@ def check_vocab(config: TrainConfig, task) -> None:
 
 def prepare(config: TrainConfig) -> tuple[LitHybrid, Path]:
     """Build the data, schedule and module for `config`; checks that model and task fit together."""
-    task = make_task(config.task)
+    reset = config.data.reset_at_boundaries
+    task = make_task(config.task, reset)
     check_vocab(config, task)
     schedule = build_schedule(config.schedule, config.trainer.max_steps,
                               tokens_per_step=config.trainer.batch_size * task.seq_len)
     if config.phase2_task is not None:
-        task = MixedTask(task, make_task(config.phase2_task), schedule)
+        task = MixedTask(task, make_task(config.phase2_task, reset), schedule)
     run_dir = Path(config.run.dir) / run_name(config)
     return LitHybrid(config, task, schedule), run_dir
 
@@ -86,6 +109,7 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     if not isinstance(config, TrainConfig):
         config = compose(list(config))
     L.seed_everything(config.trainer.seed, verbose=False)
+    check_devices(config)
     module, run_dir = prepare(config)
     _check_same_run(run_dir, config)
     ckpt_dir = run_dir / "checkpoints"
@@ -99,6 +123,8 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
     (run_dir / "layout.txt").write_text(module.model.layout.describe() + "\n")
+    if hasattr(module.task, "record"):  # a mixture of corpora: each source, its weight and realised share
+        (run_dir / "data.json").write_text(json.dumps(module.task.record(), indent=1) + "\n")
     log.info("layout %s (%d layers, %d shared invocations)", module.model.layout, module.model.layout.n_layers,
              len(module.model.layout.invocations))
 
@@ -117,7 +143,8 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
         max_steps=config.trainer.max_steps, val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None,
         limit_val_batches=config.trainer.val_batches, num_sanity_val_steps=0,
         gradient_clip_val=config.optim.grad_clip or None, precision=_precision(config),
-        accelerator=config.trainer.accelerator, devices=1, logger=loggers,
+        accelerator=config.trainer.accelerator, devices=config.trainer.devices, strategy=config.trainer.strategy,
+        num_nodes=config.trainer.num_nodes, use_distributed_sampler=False, logger=loggers,
         callbacks=[last, best, *progress, *(callbacks or [])], log_every_n_steps=config.trainer.log_every,
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
     )
@@ -169,3 +196,6 @@ def _log_run_inputs(mlflow, config: TrainConfig, module: LitHybrid, run_dir: Pat
     mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "config.yaml"))
     mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "layout.txt"))
     mlflow.experiment.set_tag(mlflow.run_id, "layout", str(module.model.layout))
+    if hasattr(module.task, "record"):
+        mlflow.experiment.log_artifact(mlflow.run_id, str(run_dir / "data.json"))
+        mlflow.experiment.set_tag(mlflow.run_id, "data.mixture", module.task.describe())

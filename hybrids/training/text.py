@@ -10,6 +10,11 @@ i // n_train at position i % n_train, and that position maps to a train block th
 of range(n_train) that depends only on (seed, epoch): a Feistel network with cycle walking, computed per
 index, so no permutation is stored and a resumed run sees exactly the batches of an uninterrupted one.
 Validation batches visit the val blocks in order; the last batch is filled with repeats scored -100.
+
+Documents: the stream holds them back to back, each followed by the tokenizer's separator. With
+reset_at_boundaries a batch carries doc_ids (B, L): a separator ends its document and the next token starts
+a new one (as Megatron's reset_attention_mask counts an end-of-document token), so every mixer resets there.
+The separator's own target, the next document's first token, stays scored.
 """
 
 from __future__ import annotations
@@ -129,8 +134,12 @@ class TextTask(Task):
     name = "lm"
 
     def __init__(self, folder: Path, manifest: dict, tokenizer: ByteTokenizer | HFTokenizer, seq_len: int,
-                 val_fraction: float, seed: int):
+                 val_fraction: float, seed: int, reset_at_boundaries: bool = True):
         self.folder, self.manifest, self.tokenizer = Path(folder), manifest, tokenizer
+        self.separator = manifest["tokenizer"].get("separator") if reset_at_boundaries else None
+        if reset_at_boundaries and self.separator is None:
+            log.warning("the tokenizer has no end-of-document token: documents run together and no mixer resets "
+                        "between them (data.reset_at_boundaries has nothing to act on)")
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
         self.seq_len, self.val_fraction, self.seed = seq_len, val_fraction, seed
         split = _split_info(manifest["n_tokens"], seq_len, val_fraction)
@@ -177,7 +186,16 @@ class TextTask(Task):
         windows = torch.from_numpy(np.stack([self.read(o, self.seq_len + 1) for o in offsets.tolist()]))
         targets = windows[:, 1:].clone()  # (B, L)
         targets[torch.from_numpy(~scored)] = IGNORE_INDEX
-        return Batch(windows[:, :-1].contiguous(), targets, {"offset": torch.from_numpy(offsets)})
+        inputs = windows[:, :-1].contiguous()
+        return Batch(inputs, targets, {"offset": torch.from_numpy(offsets)}, self.doc_ids(inputs))
+
+    def doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) int64: separators before each position (a separator closes its own document), or None when
+        documents are not reset."""
+        if self.separator is None:
+            return None
+        ends = inputs == self.separator
+        return ends.long().cumsum(dim=1) - ends.long()
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the whole stream as int64, across shard boundaries."""
@@ -226,7 +244,7 @@ def _record_split(folder: Path, manifest: dict, split: dict) -> None:
 def make_text_task(sources: list[str] | str, tokenizer: str = "byte", seq_len: int = 256,
                    val_fraction: float = 0.05, seed: int = 0, cache_dir: str = "runs/data",
                    hf_dataset: str | None = None, hf_split: str = "train", hf_text_field: str = "text",
-                   max_bytes: int | None = None) -> TextTask:
+                   max_bytes: int | None = None, reset_at_boundaries: bool = True) -> TextTask:
     """A language-modelling task over local text (and an HF dataset when named), tokenized once and cached.
 
     Args:
@@ -240,6 +258,7 @@ def make_text_task(sources: list[str] | str, tokenizer: str = "byte", seq_len: i
             source that may touch the network). The key names it, not its contents: delete its cache
             folder to re-read a dataset that changed upstream.
         max_bytes: read at most this many bytes of text in all (files in path order, then records).
+        reset_at_boundaries: batches carry document ids from the separators (see the module docstring).
 
     Returns:
         The TextTask.
@@ -262,4 +281,4 @@ def make_text_task(sources: list[str] | str, tokenizer: str = "byte", seq_len: i
     tok = load_tokenizer(tokenizer)
     hf = None if hf_dataset is None else {"name": hf_dataset, "split": hf_split, "text_field": hf_text_field}
     folder, manifest = tokenize_corpus(sources, tok, cache_dir, max_bytes, hf)
-    return TextTask(folder, manifest, tok, seq_len, val_fraction, seed)
+    return TextTask(folder, manifest, tok, seq_len, val_fraction, seed, reset_at_boundaries)

@@ -37,15 +37,18 @@ class Batch:
 
     input_ids: (B, L) int64. targets: (B, L) int64, the token to predict after reading input_ids[:, :t+1],
     IGNORE_INDEX where not scored. extra: per-example tensors, e.g. {"distance": (B,) int64} for long_copy.
+    doc_ids: (B, L) int64 document ids of packed rows (`blocks.ops.documents`), or None: one document per row.
     """
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    doc_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         extra = {k: v.to(device) for k, v in self.extra.items()}
-        return Batch(self.input_ids.to(device), self.targets.to(device), extra)
+        doc_ids = self.doc_ids.to(device) if self.doc_ids is not None else None
+        return Batch(self.input_ids.to(device), self.targets.to(device), extra, doc_ids)
 
 
 class Task:

@@ -17,7 +17,7 @@ import torch
 from blocks.mamba2 import Mamba2
 from blocks.shared import SharedAttention
 from hybrids.config import ModelConfig
-from hybrids.hf_interop import (
+from hybrids.hf.interop import (
     WeightMap,
     activation_from_hf,
     activation_to_hf,
@@ -25,7 +25,8 @@ from hybrids.hf_interop import (
     invocations,
     require,
 )
-from hybrids.hf_zamba import backbone_weights, same_config, shared_config, star_layout
+from hybrids.hf.mamba2 import mamba2_weights
+from hybrids.hf.zamba import backbone_weights, same_config, shared_config, star_layout
 from hybrids.model import HybridLM
 
 NORM_EPS = 1e-5  # HF's Zamba2RMSNormGated in the mixer is built with eps=1e-5, whatever the config says
@@ -71,13 +72,6 @@ def config_from_hf(c) -> ModelConfig:
     )
 
 
-def _mamba2(w: WeightMap, m: Mamba2, p: str) -> None:
-    for name in ("in_proj", "conv1d", "norm", "out_proj"):
-        w.params(getattr(m, name), f"{p}{name}.")
-    for name in ("dt_bias", "A_log", "D"):
-        w.same(getattr(m, name), p + name)
-
-
 def _shared(w: WeightMap, s: SharedAttention, q: str) -> None:
     w.params(s.input_norm, q + "input_layernorm.")
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -92,7 +86,7 @@ def weight_map(model: HybridLM, hf_config, keys: set[str]) -> WeightMap:
     w = WeightMap()
     embeddings(w, model)
     calls = invocations(model)
-    backbone_weights(w, model, calls, _mamba2)
+    backbone_weights(w, model, calls, mamba2_weights)
     canonical: dict[str, str] = {}  # shared key -> HF prefix of its first hybrid layer
     for g, (layer, key, j) in enumerate(calls):
         if key not in canonical:
@@ -123,6 +117,8 @@ def hf_config(model: HybridLM):
             "HF Zamba2 layers are Mamba2 mixers without an MLP")
     m = same_config([layer.mixer for layer in model.layers], "Mamba2")
     require(m.conv_bias and not m.bias, "HF Zamba2's Mamba2 has a conv bias and no projection biases")
+    require(m.gate_norm == "gated" and m.d_inner == m.expand * c.d_model,
+            "HF Zamba2's Mamba2 is expand * d_model wide and gates before its norm (gate_norm='gated')")
     require(m.norm_eps == NORM_EPS, f"HF Zamba2's gated norm uses eps {NORM_EPS}")
     require(m.dt_limit[1] == math.inf, "HF Zamba2 clamps dt only from below (time_step_min)")
     calls = invocations(model)

@@ -20,7 +20,7 @@ import torch
 from blocks.mamba import Mamba
 from blocks.shared import SharedAttention
 from hybrids.config import ModelConfig
-from hybrids.hf_interop import (
+from hybrids.hf.interop import (
     WeightMap,
     activation_from_hf,
     activation_to_hf,

@@ -1,12 +1,14 @@
-"""HF transformers interop: load Zamba, Zamba2 and Jamba causal LMs into HybridLM, and export them back.
+"""HF transformers interop: load the hybrid causal LMs of hybrids.hf.FAMILIES into HybridLM, and export them back.
 
 `from_hf` translates the HF config (`config_from_hf`), builds the HybridLM and copies every weight with
 its re-layout; `to_hf` builds the HF model of a HybridLM and copies the weights the other way. A family
-module (hybrids.hf_zamba, hybrids.hf_zamba2, hybrids.hf_jamba) states, for every HybridLM parameter,
-the HF state-dict entries it is made of (a `WeightMap` of `Link`s); it provides config_from_hf(hf_config),
-weight_map(model, hf_config, hf_keys) and hf_config(model). Both directions check that every
+module (hybrids.hf.zamba, .zamba2, .jamba, .bamba, .falcon_h1, .nemotron_h, .granitemoehybrid) states,
+for every HybridLM parameter, the HF state-dict entries it is made of (a `WeightMap` of `Link`s); it provides
+config_from_hf(hf_config), weight_map(model, hf_config, hf_keys) and hf_config(model). Both directions check that every
 HF tensor is used and every HybridLM parameter is written; a tied HF tensor (the shared block repeated
-in every hybrid layer, a tied LM head) is an alias that must equal its canonical entry.
+in every hybrid layer, a tied LM head) is an alias that must equal its canonical entry. Constant HF
+multipliers (Falcon-H1's µP multipliers, GraniteMoeHybrid's residual and embedding multipliers) are folded
+into the weights they scale (`WeightMap.scaled`): the logits are equal, and an exported model has multipliers 1.
 
 transformers is imported only when these functions run: the model code itself does not need it.
 """
@@ -14,6 +16,7 @@ transformers is imported only when these functions run: the model code itself do
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,13 +28,14 @@ from torch import nn
 
 from blocks import ConfigError
 from hybrids.config import ModelConfig, load_config
+from hybrids.hf import FAMILIES
 from hybrids.layout import parse_layout
 from hybrids.model import HybridLM
 
 __all__ = ["ConfigError", "Link", "WeightMap", "config_from_hf", "from_hf", "to_hf"]
 
-FAMILIES = {"zamba": "hybrids.hf_zamba", "zamba2": "hybrids.hf_zamba2", "jamba": "hybrids.hf_jamba"}
-ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}
+ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu",
+               "relu2": "relu2"}
 
 
 def _first(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,20 @@ class WeightMap:
     def custom(self, param: nn.Parameter, keys: tuple[str, ...], load: Callable[..., torch.Tensor],
                store: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> None:
         self.links.append(Link(param, keys, load, store))
+
+    def scaled(self, param: nn.Parameter, key: str, scale: float | torch.Tensor) -> None:
+        """A parameter equal to the HF entry times `scale` (a number, or a tensor broadcasting against it):
+        an HF multiplier folded into the weight it follows."""
+        self.links.append(Link(param, (key,), lambda t: t * scale, lambda t: (t / scale,)))
+
+    def scaled_params(self, module: nn.Module, prefix: str, scale: float | torch.Tensor = 1.0,
+                      in_scale: float = 1.0) -> None:
+        """`params` of a Linear whose output HF scales by `scale` (per output row, or one number) and whose
+        input by `in_scale`: weight * scale * in_scale, bias * scale."""
+        rows = scale[:, None] if isinstance(scale, torch.Tensor) else scale
+        self.scaled(module.weight, prefix + "weight", rows * in_scale)
+        if module.bias is not None:
+            self.scaled(module.bias, prefix + "bias", scale)
 
     def alias(self, duplicate: str, canonical: str) -> None:
         """HF entries under prefix `duplicate` are tied to the same names under `canonical`."""
@@ -207,7 +225,7 @@ def activation_from_hf(name: str) -> str:
 
 
 def activation_to_hf(name: str) -> str:
-    return {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}[name]
+    return {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu", "relu2": "relu2"}[name]
 
 
 def require(ok: bool, message: str) -> None:
@@ -223,14 +241,19 @@ def invocations(model: HybridLM) -> list[tuple[int, str, int]]:
     return [(layer, key, j) for layer, (_, key, j) in zip(model.layout.invocation_layers, calls, strict=True)]
 
 
-def embeddings(w: WeightMap, model: HybridLM) -> None:
-    """Embedding, final norm and LM head (tied or not), named alike in all three HF families."""
-    w.same(model.embed.weight, "model.embed_tokens.weight")
-    w.params(model.norm, "model.final_layernorm.")
+def embeddings(w: WeightMap, model: HybridLM, embed: str = "model.embed_tokens.weight",
+               norm: str = "model.final_layernorm.", embed_scale: float = 1.0, logits_scale: float = 1.0) -> None:
+    """Embedding, final norm and LM head (tied or not); HF multiplies the embeddings by embed_scale and the
+    logits by logits_scale. A tied head folds both into one matrix, so they must be equal."""
+    w.scaled(model.embed.weight, embed, embed_scale)
+    w.params(model.norm, norm)
     if model.config.tie_embeddings:
-        w.alias("lm_head.weight", "model.embed_tokens.weight")
+        require(math.isclose(embed_scale, logits_scale),
+                f"tied embeddings with an embedding multiplier ({embed_scale}) other than the logits multiplier "
+                f"({logits_scale}) have no HybridLM equivalent")
+        w.alias("lm_head.weight", embed)
     else:
-        w.same(model.lm_head.weight, "lm_head.weight")
+        w.scaled(model.lm_head.weight, "lm_head.weight", logits_scale)
 
 
 def _family(model_type: str):
@@ -240,7 +263,7 @@ def _family(model_type: str):
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    """The HybridLM config equivalent to an HF ZambaConfig, Zamba2Config or JambaConfig.
+    """The HybridLM config equivalent to an HF config of a family in hybrids.hf.FAMILIES (ZambaConfig, ...).
 
     Args:
         hf_config: the transformers config (e.g. `model.config`).
@@ -250,6 +273,24 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         ConfigError: an unsupported model type, or an HF option HybridLM cannot express.
     """
     return _family(getattr(hf_config, "model_type", None)).config_from_hf(hf_config)
+
+
+HF_PREFIX = "hf:"
+
+
+def config_from_source(source: str) -> ModelConfig:
+    """The ModelConfig of an HF model directory (read from its config.json, no weights loaded) or of an HF
+    family's default configuration ("hf:bamba": transformers' BambaConfig() defaults).
+
+    Raises:
+        ConfigError: an unknown family, or an HF option HybridLM cannot express.
+    """
+    auto = _transformers().AutoConfig
+    if source.startswith(HF_PREFIX):
+        model_type = source[len(HF_PREFIX):]
+        _family(model_type)
+        return config_from_hf(auto.for_model(model_type))
+    return config_from_hf(auto.from_pretrained(source, local_files_only=True))
 
 
 def _transformers():
@@ -280,10 +321,12 @@ def _load_hf(source: Any, allow_remote: bool):
 
 
 def from_hf(source: Any, *, allow_remote: bool = False, **overrides: Any) -> HybridLM:
-    """A HybridLM with the weights of an HF Zamba, Zamba2 or Jamba causal LM.
+    """A HybridLM with the weights of an HF causal LM of a family in hybrids.hf.FAMILIES.
+
+    The translated layout is `model.config.layout` (`hybrids info DIR` prints it).
 
     Args:
-        source: a ZambaForCausalLM / Zamba2ForCausalLM / JambaForCausalLM instance, or a local directory
+        source: a ZambaForCausalLM, BambaForCausalLM, ... instance, or a local directory
             saved with `save_pretrained` (loaded with local_files_only=True).
         allow_remote: let transformers download `source` when it is not a local directory.
         overrides: ModelConfig fields or dotted keys applied to the translated config (e.g. backend="torch").
@@ -303,27 +346,37 @@ def from_hf(source: Any, *, allow_remote: bool = False, **overrides: Any) -> Hyb
     return model
 
 
-def _family_of(model: HybridLM):
+def family_of(model: HybridLM) -> str:
+    """The HF model type a HybridLM exports to by default (see `to_hf`)."""
     kinds = {type(block).__name__ for layer in model.layers for block in (layer.mixer, layer.mlp) if block}
-    if kinds & {"MLP", "MoE", "Attention"}:
-        return _family("jamba")
-    return _family("zamba2" if "Mamba2" in kinds else "zamba")
+    if model.shared or kinds == {"Mamba"}:
+        return "zamba2" if "Mamba2" in kinds else "zamba"
+    if "Parallel" in kinds:
+        return "falcon_h1"
+    if "Mamba" in kinds:
+        return "jamba"
+    if any(layer.mixer is None or layer.mlp is None for layer in model.layers):
+        return "nemotron_h"
+    return "granitemoehybrid" if "MoE" in kinds else "bamba"
 
 
-def to_hf(model: HybridLM):
-    """The HF causal LM (Zamba, Zamba2 or Jamba) computing the same logits as `model`.
+def to_hf(model: HybridLM, family: str | None = None):
+    """The HF causal LM computing the same logits as `model`.
 
-    The family follows from the blocks: Mamba2 layers with shared attention -> Zamba2; Mamba layers with
-    shared attention -> Zamba; layers with an MLP or MoE (Mamba or attention mixers) -> Jamba.
+    By default the family follows from the blocks (`family_of`): shared attention -> Zamba2 (Mamba2 layers)
+    or Zamba (Mamba layers, also without shared attention); parallel layers -> Falcon-H1; Mamba (v1) layers
+    with an MLP or MoE -> Jamba; layers of one block each -> NemotronH; Mamba2 / attention layers with an MoE
+    -> GraniteMoeHybrid, with an MLP -> Bamba.
 
     Args:
         model: a HybridLM whose layout and options one of the HF families can express.
+        family: the HF model type to export to (e.g. "granitemoehybrid" for MLP-only layers), if not the default.
     Returns:
         The transformers model in eval mode, in the dtype of `model`'s embeddings.
     Raises:
         ConfigError: the model uses something the HF family cannot express (named in the message).
     """
-    family = _family_of(model)
+    family = _family(family or family_of(model))
     hf_config = family.hf_config(model)
     hf = _transformers().AutoModelForCausalLM.from_config(hf_config)
     state = hf.state_dict()

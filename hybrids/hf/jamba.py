@@ -24,7 +24,7 @@ from blocks.mamba import Mamba
 from blocks.mlp import MLP
 from blocks.moe import MoE
 from hybrids.config import ModelConfig
-from hybrids.hf_interop import (
+from hybrids.hf.interop import (
     WeightMap,
     activation_from_hf,
     embeddings,
@@ -32,7 +32,7 @@ from hybrids.hf_interop import (
     layout_text,
     require,
 )
-from hybrids.hf_zamba import same_config
+from hybrids.hf.zamba import same_config
 from hybrids.model import HybridLM
 
 
@@ -148,7 +148,8 @@ def hf_config(model: HybridLM):
             "HF Jamba's attention has no RoPE, no bias, no window, values as wide as keys and the head_dim^-0.5 scale")
     require(f is None or (f.gated and not f.bias and f.activation == "silu"), "HF Jamba's MLP is gated SiLU")
     require(e is None or (e.activation == "silu" and not e.normalize_top_k and e.capacity_factor is None
-                          and e.n_experts > 1), "HF Jamba's MoE is dropless SiLU without top-k renormalisation")
+                          and e.n_experts > 1 and not e.shared_d_ff),
+            "HF Jamba's MoE is dropless SiLU without top-k renormalisation or a shared expert")
     require(f is None or e is None or f.d_ff == e.d_ff, "HF Jamba has one intermediate_size for MLPs and experts")
     attn_period, attn_offset = _period([isinstance(layer.mixer, Attention) for layer in layers], "attention")
     moe_period, moe_offset = _period([isinstance(layer.mlp, MoE) for layer in layers], "MoE layers")
