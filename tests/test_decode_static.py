@@ -12,10 +12,11 @@ from tests.test_model import SMALL
 STATIC_LAYOUTS = ["(2M:A*)x2:M", "(2M2:A*2)x2", "3A+F", "2M:M*:M:M*", "M:2A*:M", "(A|M2)+F:G"]
 PARALLEL = {"blocks.parallel.project": "branch"}  # the parallel layer's branches differ in width at d_model 16
 GQA_ROPE = {"blocks.attention.n_kv_heads": 2, "blocks.attention.rope": True, "blocks.shared_attention.rope": True}
+PARTIAL_ROPE = {"blocks.attention.rope": True, "blocks.attention.rope_dim": 2}  # of head_dim 4
 
 
 @pytest.mark.parametrize("layout", STATIC_LAYOUTS)
-@pytest.mark.parametrize("options", [{}, GQA_ROPE], ids=["plain", "gqa-rope"])
+@pytest.mark.parametrize("options", [{}, GQA_ROPE, PARTIAL_ROPE], ids=["plain", "gqa-rope", "partial-rope"])
 def test_static_step_logits_equal_full_forward(layout, options, one_thread):
     model = build(layout, d_model=16, vocab_size=32, **{**SMALL, **PARALLEL, **options}).double()
     ids = torch.randint(0, 32, (2, 13))

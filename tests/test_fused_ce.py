@@ -128,3 +128,26 @@ def test_bad_fused_ce_value_is_one_clear_error():
 
     with pytest.raises(ConfigError, match="trainer.fused_ce must be auto, true or false, got 'sometimes'"):
         compose(["trainer.fused_ce=sometimes"])
+
+
+def test_fused_training_loss_reads_the_batch_documents_and_placement_is_no_part_of_a_run(one_thread):
+    from dataclasses import replace
+
+    from hybrids.training.config import compose, run_name
+    from hybrids.training.run import prepare
+
+    common = ["model=zamba2-tiny", "task=mqar", "trainer.batch_size=4", "tracking.enabled=false"]
+    plain_config = compose([*common, "trainer.fused_ce=false"])
+    fused_config = compose([*common, "trainer.fused_ce=true", "trainer.devices=2", "trainer.strategy=ddp"])
+    assert run_name(plain_config) == run_name(fused_config)
+    modules = []
+    for config in (plain_config, fused_config):
+        torch.manual_seed(0)
+        modules.append(prepare(config)[0])
+    batch = modules[0].task.batch(0, 4, "train")
+    length = batch.input_ids.shape[1]
+    packed = replace(batch, doc_ids=(torch.arange(length) >= length // 3).long().expand(4, -1))  # two documents
+    (loss, acc), (fused_loss, fused_acc) = (m._train_loss(packed) for m in modules)
+    whole, _ = modules[1]._train_loss(batch)
+    assert abs(fused_loss.item() - loss.item()) < 1e-5 and fused_acc == acc
+    assert abs(whole.item() - fused_loss.item()) > 1e-4  # the documents reached the model on the fused path
