@@ -90,12 +90,16 @@ class Attention(Block):
         self.o_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, qkv_delta=None,
-                doc_ids: torch.Tensor | None = None, **context) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, position: torch.Tensor | None = None,
+                **context) -> torch.Tensor:
         """x: (B, T, d_input) -> (B, T, d_model), or (B, T, d_inner) without out_proj.
 
         qkv_delta: optional additive (q, k, v) projections (per-invocation LoRA). With a cache, the T new
         positions follow the cache's filled ones and are appended to it. doc_ids: (B, T) document ids (no
-        cache): document-causal attention, RoPE positions counted within each document.
+        cache): document-causal attention, RoPE positions counted within each document. position: a 0-dim
+        int64 tensor, the fixed-shape step (T = 1, `hybrids.decode`): the new key and value go to that slot of
+        the preallocated cache and the query attends over every slot up to it by mask; `cache.length` is left
+        as it was.
         """
         c = self.config
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -104,6 +108,8 @@ class Attention(Block):
         q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
         k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
         v = rearrange(v, "b t (h d) -> b h t d", d=c.v_head_dim)
+        if position is not None:
+            return project(self.o_proj, self._static_step(q, k, v, cache, position))
         start = cache.length if cache is not None else 0
         new = x.shape[1]
         if c.rope:
@@ -127,6 +133,26 @@ class Attention(Block):
                                                scale=c.softmax_scale, enable_gqa=gqa)
         y = rearrange(y, "b h t d -> b t (h d)")
         return project(self.o_proj, y)
+
+    @property
+    def static_step(self) -> bool:
+        """Full attention only: a sliding window's rolling cache moves keys by a Python count."""
+        return self.config.window is None
+
+    def _static_step(self, q, k, v, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, H, 1, Dh) of the token at `position` -> (B, 1, H * Dv), shapes independent of position."""
+        c = self.config
+        if c.window is not None or type(cache) is not KVCache:
+            raise ValueError("the fixed-shape decoding step needs full attention with a KVCache (no window)")
+        if c.rope:
+            cos, sin = rope_cos_sin(position[None], c.rope_dim, c.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.k.index_copy_(2, position[None], k)
+        cache.v.index_copy_(2, position[None], v)
+        seen = torch.arange(cache.k.shape[2], device=q.device)[None] <= position  # (1, S): the slots filled so far
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=seen, scale=c.softmax_scale,
+                                           enable_gqa=c.n_kv_heads != c.n_heads)
+        return rearrange(y, "b h t d -> b t (h d)")
 
     def allocate_cache(self, batch, max_seqlen, device=None, dtype=None) -> KVCache:
         """Keys and values for max_seqlen positions, or a rolling cache of min(max_seqlen, window)."""

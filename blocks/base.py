@@ -113,6 +113,9 @@ class Block(nn.Module):
     symbol: str
     config_cls: type
     kind: str
+    # Whether `step(x, cache, position=t)` (t: 0-dim int64 tensor, the new token's index) keeps every shape from
+    # token to token and never waits on the host: the fixed-shape decoding of `hybrids.decode` (CUDA graphs).
+    static_step: bool = True
 
     def __init__(self, config: BlockConfig):
         super().__init__()

@@ -125,6 +125,8 @@ class HyenaCache(Cache):
 
 @register("hyena", "H", HyenaConfig, kind="mixer")
 class Hyena(Block):
+    static_step = False  # its cache counts positions in a Python int
+
     def __init__(self, config: HyenaConfig):
         super().__init__(config)
         c = config

@@ -47,6 +47,8 @@ class MoEConfig(BlockConfig):
 
 @register("moe", "E", MoEConfig, kind="mlp")
 class MoE(Block):
+    static_step = False  # routing reads the chosen experts back to the host
+
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         c = config

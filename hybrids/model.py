@@ -21,6 +21,7 @@ from blocks import Block, Cache, registry
 from blocks.norm import RMSNorm
 from blocks.parallel import Parallel, ParallelConfig
 from hybrids.config import ModelConfig, load_config
+from hybrids.decode import make_decoder
 from hybrids.layout import Layer as LayerSpec
 from hybrids.layout import Layout, parse_layout
 from hybrids.layout import Parallel as ParallelSpec
@@ -39,10 +40,10 @@ class Layer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, inject=None, cache: Cache | None = None, step: bool = False, **context):
-        """context (doc_ids) goes to the blocks' forward."""
+        """context (doc_ids in a forward, position in the fixed-shape step) goes to the blocks."""
         if self.mixer is not None:
             h = self.mixer_norm(x if inject is None else x + inject)
-            x = x + (self.mixer.step(h, cache) if step else self.mixer(h, cache, **context))
+            x = x + (self.mixer.step(h, cache, **context) if step else self.mixer(h, cache, **context))
             inject = None
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x if inject is None else x + inject), **context)
@@ -150,18 +151,26 @@ class HybridLM(nn.Module):
         return self._layer(symbol, None)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, step: bool = False,
+                return_hidden: bool = False, position: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) -> logits (B, T, vocab). With a cache: prefill (step=False) or one step.
 
+        return_hidden: return the final hidden states (B, T, d_model) after the final norm instead of the logits
+            (a fused linear cross-entropy applies the head itself: `hybrids.training.loss`).
+        position: a 0-dim int64 tensor, the index of the one new token (step=True): the fixed-shape step of
+            `hybrids.decode`, which writes at that index of the preallocated caches and leaves `cache.position`
+            and the KV caches' lengths to the caller.
         doc_ids: (B, T) int document ids of packed rows (`blocks.ops.documents`), or None for one document per
-        row. Every block gets them and every mixer resets at a document start, so each document's logits are
-        those it gets alone. Generation (a cache's prefill and steps) serves one document per row: doc_ids with
-        a cache is an error.
+            row. Every block gets them and every mixer resets at a document start, so each document's logits
+            are those it gets alone. Generation (a cache's prefill and steps) serves one document per row:
+            doc_ids with a cache is an error.
         """
         if doc_ids is not None and (cache is not None or doc_ids.shape != input_ids.shape):
             raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match input_ids {tuple(input_ids.shape)} and "
                              "come without a cache (generation runs one document per row)")
         context = {} if doc_ids is None else {"doc_ids": doc_ids}
+        if position is not None:
+            context["position"] = position
         x = self.embed(input_ids)
         emb, pending = x, None
         for i, entry in enumerate(self.plan):
@@ -178,9 +187,10 @@ class HybridLM(nn.Module):
             x, pending = layer(x, pending, c, step, **context), None
         if pending is not None:
             x = x + pending
-        if cache is not None:
+        if cache is not None and position is None:
             cache.position += input_ids.shape[1]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def save_pretrained(self, directory, tokenizer: str | None = None):
         """Write config.json + model.safetensors to `directory` (see hybrids.save); returns the folder."""
@@ -212,18 +222,20 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, decoding: str = "auto") -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation with the hybrid cache.
 
         Args:
             input_ids: (B, T) prompt. max_new_tokens: tokens to add. temperature: 0 = greedy.
             top_k / top_p: restrict sampling to the k most likely / the nucleus of mass p.
             eos_token_id: stop once every sequence has produced it. generator: for reproducible sampling.
+            decoding: "auto" (a CUDA graph of the fixed-shape step on CUDA where the layout allows it, else the
+                dynamic step), "dynamic", "static" or "cuda_graph"; see `hybrids.decode`.
         Returns:
             (B, T + n) token ids, n <= max_new_tokens.
         """
-        cache = self.allocate_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, cache)[:, -1]
+        decoder = make_decoder(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, decoding)
+        logits = decoder.prefill(input_ids)
         out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
@@ -233,7 +245,7 @@ class HybridLM(nn.Module):
             out.append(token[:, None])
             if eos_token_id is not None and bool(done.all()):
                 break
-            logits = self(token[:, None], cache, step=True)[:, -1]
+            logits = decoder.step(token)
         return torch.cat(out, dim=1)
 
 

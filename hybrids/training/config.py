@@ -61,6 +61,7 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1  # machines; torchrun or SLURM starts the processes (Lightning's environments)
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
+    fused_ce: bool | str = "auto"  # fused linear cross-entropy in training steps (no (B, L, V) logits); auto: on CUDA
     seed: int = 0
     progress_bar: bool = True  # in a terminal; elsewhere (or false) plain lines every progress_every_s seconds
     progress_every_s: float = 20.0
@@ -71,6 +72,8 @@ class TrainerConfig:
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, "
                               f"got {self.accelerator!r}")
+        if self.fused_ce not in (True, False, "auto"):
+            raise ConfigError(f"trainer.fused_ce must be auto, true or false, got {self.fused_ce!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every", "devices",
@@ -172,12 +175,14 @@ def to_yaml(config: TrainConfig) -> str:
 DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
 # where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
 PLACEMENT = ("devices", "strategy", "num_nodes")
+SPEED_ONLY = ("fused_ce",)  # trainer keys that change how a step is computed (equal within rounding), not what
+UNSCORED = DISPLAY_ONLY + PLACEMENT + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 
 def scored(data: dict) -> dict:
     """A resolved config without what does not change a run's result (where it logs, how it is named)."""
     data = {k: v for k, v in data.items() if k not in ("tracking", "run")}
-    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in (*DISPLAY_ONLY, *PLACEMENT)}
+    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in UNSCORED}
     return data
 
 
@@ -186,7 +191,7 @@ def run_name(config: TrainConfig) -> str:
     if config.run.name:
         return config.run.name
     data = to_dict(config)
-    for unscored in (*DISPLAY_ONLY, *PLACEMENT):
+    for unscored in UNSCORED:
         data["trainer"].pop(unscored, None)
     data.pop("tracking", None)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]

@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from hybrids.model import HybridLM
 from hybrids.training.config import TrainConfig
 from hybrids.training.data import rank_slice
+from hybrids.training.loss import fused_linear_cross_entropy
 from hybrids.training.schedules import Schedule
 from hybrids.training.tasks import Batch, Task
+from hybrids.training.tasks.base import IGNORE_INDEX, accuracy
 
 
 class StepIndices(IterableDataset):
@@ -53,10 +55,21 @@ class LitHybrid(L.LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100)
         return logits, loss
 
+    def _train_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, accuracy) of a training batch; with trainer.fused_ce the LM head runs inside the loss, which never
+        holds the (B, L, V) logits (validation keeps the logits: its metrics read them)."""
+        fused = self.config.trainer.fused_ce
+        if fused is False or (fused == "auto" and self.device.type != "cuda"):
+            logits, loss = self._loss(batch)
+            return loss, self.task.metrics(logits.detach(), batch)["accuracy"]
+        hidden = self.backbone(batch.input_ids, return_hidden=True, doc_ids=batch.doc_ids)
+        loss, correct = fused_linear_cross_entropy(hidden, self.model.lm_head.weight, batch.targets, IGNORE_INDEX)
+        return loss, accuracy(correct, batch.targets != IGNORE_INDEX)
+
     def training_step(self, _index, _batch_idx):
         step = self.global_step
         batch = self._to_device(self.task.batch(step, self.config.trainer.batch_size, "train"))
-        logits, loss = self._loss(batch)
+        loss, train_accuracy = self._train_loss(batch)
         total = loss
         aux = self.model.aux_loss()
         if aux is not None:
@@ -67,10 +80,9 @@ class LitHybrid(L.LightningModule):
             self.stop_reason = f"non-finite loss {total.item()} at step {step}"
             self.trainer.should_stop = True
             return None
-        metrics = self.task.metrics(logits.detach(), batch)
         tokens = batch.input_ids.numel() * self.trainer.world_size  # of the global batch
         size = batch.input_ids.shape[0]
-        self.log_dict({"train/loss": loss.detach(), "train/accuracy": metrics["accuracy"]}, on_step=True,
+        self.log_dict({"train/loss": loss.detach(), "train/accuracy": train_accuracy}, on_step=True,
                       prog_bar=True, batch_size=size)
         self.log_dict({"lr": self.optimizers().param_groups[0]["lr"], "data/phase2_fraction":
                        self.schedule.phase2_fraction(step), "tokens": float((step + 1) * tokens)}, on_step=True,
