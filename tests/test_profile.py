@@ -55,3 +55,20 @@ def test_bad_input_fails_in_one_line(argv, message, tmp_path, capsys, one_thread
     assert main(["profile", *argv, "--match", "none", "--repeats", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_memory_latency_benchmark_runs_the_five_models_at_matched_params(tmp_path, capsys, one_thread):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_latency.py"
+    spec = importlib.util.spec_from_file_location("memory_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.run(["--out", str(tmp_path), "--seq-lens", "8", "--batches", "1", "--decode-tokens", "2",
+                      "--repeats", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["model"] for r in rows] == bench.MODELS
+    params = [r["params"] for r in rows]
+    # the nearest widths the blocks accept (Mamba2 heads of 16 channels, 4 attention heads): within 8% of zamba-tiny
+    assert all(abs(p / rows[3]["params"] - 1) < 0.08 for p in params) and all(r["ratio"] == 1.0 for r in rows)
