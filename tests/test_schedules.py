@@ -273,3 +273,16 @@ def test_lr_factor_is_finite_and_bounded(s):
 def test_out_of_range_fractions_raise_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ScheduleConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name", ["linear", "step", "exp"])
+def test_shipped_decay_recipes_compose_and_end_at_their_floor(name):
+    from hybrids.training.config import compose
+
+    config = compose([f"schedule={name}", "trainer.max_steps=200"]).schedule
+    s = build_schedule(config, 200)
+    assert config.name == name and config.warmup_steps == 20 and config.min_lr_ratio == 0.1
+    assert s.lr_factor(19) == 1.0 and s.lr_factor(199) == approx(0.1)
+    assert all(a >= b for a, b in pairwise(s.lr_factor(i) for i in range(20, 200)))
+    if name == "step":  # 180 steps after warmup in 3 stages: 1, sqrt(0.1), 0.1
+        assert [s.lr_factor(i) for i in (79, 80, 139, 140)] == approx([1.0, 0.1 ** 0.5, 0.1 ** 0.5, 0.1])
