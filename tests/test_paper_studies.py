@@ -69,3 +69,15 @@ def test_attention_spacing_placement_two_trials(tmp_path, one_thread):
 def test_an_arm_without_overrides_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="^arm choice\\(s\\) nope have no entry under 'variants'$"):
         load_study(["study=annealing-robustness", "space={arm: {choices: [cosine, nope]}}"])
+
+
+def test_forgetting_is_a_metric_a_two_phase_study_may_optimise(tmp_path):
+    from search.checks import check_study
+
+    common = ["study=annealing-robustness", "metric=forgetting", "seeds=[0]", "lr_grid=[0.003]", "tracking_uri=none",
+              f"runs_dir={tmp_path}/sweeps", f"storage=sqlite:///{tmp_path}/optuna.db", "train.task.max_bytes=200000"]
+    config, extra = load_study([*common, "space={arm: {choices: [two_phase_hq]}}"])
+    check_study(config, extra)  # no error: a two-phase trial logs it
+    cosine, extra = load_study([*common, "space={arm: {choices: [cosine]}}"])
+    with pytest.raises(ConfigError, match="metric 'forgetting' is not logged"):
+        check_study(cosine, extra)

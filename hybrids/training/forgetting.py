@@ -18,6 +18,7 @@ import math
 import lightning as L
 
 BEFORE_KEY = "phase1_loss_before_phase2"
+FORGETTING_METRICS = ("val/phase1_loss", "forgetting")  # what a run with a phase 2 logs besides logged_metrics
 
 
 class ForgettingCallback(L.Callback):
