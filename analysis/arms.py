@@ -84,7 +84,7 @@ def arm_points(df: pd.DataFrame) -> pd.DataFrame:
     Returns:
         Columns arm, setting, architecture (see `label_trials`), lr, wd (NaN where the study does not vary it),
         mean, std, min, max, n; plus the arm's accounting columns (layout, params_unique, flops_per_token,
-        cache_bytes, d_model) from its trials.
+        kv_bytes, cache_bytes, d_model) from its trials.
     """
     done = _complete(label_trials(df)) if len(df) else df
     if done.empty:
@@ -97,7 +97,7 @@ def arm_points(df: pd.DataFrame) -> pd.DataFrame:
         row = {"arm": arm, "setting": part["setting"].iloc[0], "architecture": part["architecture"].iloc[0],
                "lr": lr, "wd": wd, "mean": values.mean(), "std": values.std(), "min": values.min(),
                "max": values.max(), "n": len(values)}
-        for column in ("layout", "d_model", "params_unique", "flops_per_token", "cache_bytes"):
+        for column in ("layout", "d_model", "params_unique", "flops_per_token", "kv_bytes", "cache_bytes"):
             if column in part.columns:
                 row[column] = part[column].iloc[0]
         rows.append(row)
@@ -114,11 +114,12 @@ def arms_frame(df: pd.DataFrame, meta: StudyMeta) -> pd.DataFrame:
         meta: the study's metadata (direction, lr_grid, match_by, match_budget).
     Returns:
         Columns arm, setting, architecture, budget, deviation (budget / reference - 1; NaN when not matched),
-        best_lr, best_wd, mean, std, min, max, n, edge (bool), lrs (grid points the arm completed).
+        best_lr, best_wd, mean, std, min, max, n, edge (bool), lrs (grid points the arm completed), kv_bytes (the
+        KV cache at the trials' seq_len and batch 1, bf16; NaN without accounting).
     """
     points = arm_points(df)
     columns = ["arm", "setting", "architecture", "budget", "deviation", "best_lr", "best_wd", "mean", "std", "min",
-               "max", "n", "edge", "lrs"]
+               "max", "n", "edge", "lrs", "kv_bytes"]
     if points.empty:
         return pd.DataFrame(columns=columns)
     maximize = meta.direction == "maximize"
@@ -134,7 +135,7 @@ def arms_frame(df: pd.DataFrame, meta: StudyMeta) -> pd.DataFrame:
         rows.append({"arm": arm, "setting": best["setting"], "architecture": best["architecture"],
                      "budget": budget, "deviation": deviation, "best_lr": best["lr"], "best_wd": best["wd"],
                      **{k: best[k] for k in ("mean", "std", "min", "max", "n")},
-                     "edge": edge, "lrs": int(part["lr"].nunique())})
+                     "edge": edge, "lrs": int(part["lr"].nunique()), "kv_bytes": best.get("kv_bytes", np.nan)})
     arms = pd.DataFrame(rows, columns=columns)
     order = {setting: i for i, setting in enumerate(arms["setting"].unique())}
     arms = arms.assign(_order=arms["setting"].map(order), _key=arms["mean"] if maximize else -arms["mean"])
@@ -233,15 +234,16 @@ def arms_cells(arms: pd.DataFrame, meta: StudyMeta) -> tuple[list[str], list[lis
     settings = bool(arms["setting"].astype(bool).any())
     headers = [*(["setting"] if settings else []), "arm", f"budget ({name})" if meta.match_by else name,
                "vs reference", "best lr", *(["best wd"] if has_wd else []), f"{meta.metric} mean",
-               "range over seeds", "seeds", "lr at edge"]
+               "range over seeds", "seeds", "lr at edge", "KV cache"]
     rows = []
     for _, r in arms.iterrows():
         rows.append([*([str(r["setting"])] if settings else []), str(r["architecture"]),
                      _budget_text(r["budget"], meta), "-" if is_missing(r["deviation"]) else f"{r['deviation']:+.1%}",
                      fmt_number(r["best_lr"], 3), *([fmt_number(r["best_wd"], 3)] if has_wd else []),
-                     fmt_number(r["mean"]), _range(r), str(r["n"]), "yes: widen lr_grid" if r["edge"] else "no"])
+                     fmt_number(r["mean"]), _range(r), str(r["n"]), "yes: widen lr_grid" if r["edge"] else "no",
+                     "-" if is_missing(r["kv_bytes"]) else human_bytes(r["kv_bytes"])])
     numeric = [*([False] if settings else []), False, True, True, True, *([True] if has_wd else []), True, True,
-               True, False]
+               True, False, True]
     return headers, rows, numeric
 
 

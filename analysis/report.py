@@ -6,6 +6,7 @@
                        per arm at its best grid point (every grid point: trials.csv and lr.png)
         arms.csv       one row per arm (its best learning rate), best first; see analysis.arms
         score.csv      with task settings: one row per architecture, its mean over settings; see analysis.score
+        variance.csv   with 2+ arm dimensions in a full grid: the share of variance each explains (analysis.variance)
         trials.csv     one row per trial
         *.png          the figures the data supports (see `FIGURES`)
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from analysis import arms, figures, score
+from analysis import arms, figures, score, variance
 from analysis.curves import trial_curves
 from analysis.frames import NOT_TABULATED, ReportError, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
@@ -298,6 +299,10 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     if settings:
         tables.append(out_dir / "score.csv")
         scores.to_csv(tables[-1], index=False)
+    decomposition, _ = variance.study_variance(best_trials, arms.arm_by(df))
+    if decomposition is not None:
+        tables.append(out_dir / "variance.csv")
+        decomposition.to_csv(tables[-1], index=False)
     drawn, skipped = _draw(_plan(meta, study, df, shown, summary, points, arms_df, settings), out_dir)
     comparison_md = [] if arms_table is None else [
         "## Arms", "", "Each arm at its best learning rate: the mean over seeds there, and the range (min to max) "
@@ -311,6 +316,12 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
             "setting's best learning rate. Range over seeds: a seed's score is the mean over settings of its "
             "values at those learning rates. A score over k of n settings is partial (see analysis/score.py).", "",
             markdown_table(*score_table), "", *(f"- {line}" for line in score_said), ""]
+    if decomposition is not None:
+        comparison_md += [
+            "## Variance explained", "", "How much of the variance of the trials (each arm at its best learning "
+            "rate) each arm dimension and interaction explains: a balanced-ANOVA decomposition over the full grid "
+            "(see analysis/variance.py).", "", markdown_table(*variance.variance_cells(decomposition, meta.metric)),
+            ""]
     best_md = ["**Best arm per setting** (settings are not compared with one another):", "",
                *(f"- {line}" for line in _best_per_setting(arms_df, meta)), ""] if settings else \
         [f"**Best configuration:** {_best_text(best, meta)}", ""]
@@ -335,6 +346,9 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
     if score_table is not None:
         lines += [f"{score.score_name(meta)} (per architecture, over settings):", text_table(*score_table),
                   *score_said, ""]
+    if decomposition is not None:
+        lines += ["variance explained (over the arms' best learning rates):",
+                  text_table(*variance.variance_cells(decomposition, meta.metric)), ""]
     lines += [f"figures: {', '.join(p.name for p in drawn.values()) or 'none'}"]
     lines += [f"skipped {FIGURES[name][0]}: {why}" for name, why in skipped.items()]
     lines += [f"report: {out_dir}/" + (f"  (logged to MLflow run {run_id} under report/)" if run_id else "")]

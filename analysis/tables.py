@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 
+FIRST_METRICS = ("forgetting", "val/phase1_loss")  # shown first among the extra metrics (hybrids.training.forgetting)
 MAX_EXTRA_METRICS = 4  # further final metrics beyond the objective, as means; summary.csv has them all
 
 
@@ -54,7 +55,8 @@ def _spread(row: pd.Series) -> str:
 
 def _extra_metrics(summary: pd.DataFrame) -> list[str]:
     names = [c.removesuffix(" mean") for c in summary.columns if c.endswith(" mean") and c != "duration_s mean"]
-    return names[:MAX_EXTRA_METRICS]
+    first = [n for n in FIRST_METRICS if n in names]  # a two-phase study's forgetting must not fall off the table
+    return [*first, *(n for n in names if n not in first)][:MAX_EXTRA_METRICS]
 
 
 def table_cells(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]], list[bool]]:

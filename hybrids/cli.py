@@ -6,12 +6,15 @@
     hybrids info hf:bamba              the same for an HF family's default config, or an HF model directory
     hybrids data sample task=mqar n=8  write examples of a synthetic task to an .npz file and print a few
     hybrids eval run=runs/train/<name>  long-context probes (and lm-eval tasks) of a run or saved model
+    hybrids profile llama-tiny mamba-tiny zamba-tiny --match zamba-tiny
+                                       measured cache bytes and prefill / decode latency vs the accounting
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -172,6 +175,40 @@ def _eval(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from hybrids import profile
+
+    rows = profile.profile(args.models, args.seq_lens, args.batches, device=args.device, dtype=args.dtype,
+                           decode_tokens=args.decode_tokens, repeats=args.repeats, match=args.match,
+                           overrides=dict(args.set))
+    out = Path(args.out)
+    csv_path = profile.write_csv(rows, out / "profile.csv")
+    figure = profile.bytes_figure(rows, out / "profile.png")
+    print(json.dumps({"csv": str(csv_path), "figure": str(figure), "rows": rows}, indent=1))
+    return 0
+
+
+def _profile_parser(sub) -> None:
+    pr = sub.add_parser("profile", help="measured KV-cache + state bytes and prefill / decode latency vs the "
+                                        "accounting: hybrids profile llama-tiny mamba-tiny zamba-tiny")
+    pr.add_argument("models", nargs="*", default=["llama-tiny", "mamba-tiny", "zamba-tiny", "zamba2-tiny"],
+                    help="recipes, YAML files or layouts (default: a transformer, a pure Mamba and two Zamba-style "
+                         "hybrids)")
+    pr.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024],
+                    help="cache lengths in tokens (GPU: e.g. 1024 2048 4096 8192 16384 32768)")
+    pr.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes (GPU: e.g. 1 4 16)")
+    pr.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    pr.add_argument("--dtype", default="fp32", choices=list(accounting.DTYPES), help="weights and caches")
+    pr.add_argument("--decode-tokens", type=int, default=4, help="tokens decoded one at a time after the prompt")
+    pr.add_argument("--repeats", type=int, default=3, help="timed runs per point (median; one more warms up)")
+    pr.add_argument("--match", default="zamba-tiny", help="widen every model to this model's unique parameters "
+                                                         "('none': keep each width)")
+    pr.add_argument("--set", type=_assignment, action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field of every model, e.g. d_model=1024 (repeatable)")
+    pr.add_argument("--out", default="runs/profile", help="folder of profile.csv and profile.png")
+    pr.set_defaults(run=_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrids", description="Hybrid SSM / attention model experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("options", nargs="*", help="run=DIR | model=DIR, tasks=probes,<lm-eval task>,... "
                                                "[limit=N] [min_len=64] [max_len=1024] [out=DIR] [mlflow=false] ...")
     ev.set_defaults(run=_eval)
+    _profile_parser(sub)
     web = sub.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1 only) and the optuna-dashboard command")
     ui.add_arguments(web)
     web.set_defaults(run=ui.main_ui)

@@ -57,6 +57,7 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
     from hybrids.training.config import compose
     from hybrids.training.data import make_task
     from hybrids.training.files import check_writable, local_path
+    from hybrids.training.forgetting import FORGETTING_METRICS
     from hybrids.training.module import logged_metrics
     from hybrids.training.run import check_vocab
     from hybrids.training.schedules import build_schedule
@@ -85,11 +86,13 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
             task_key = json.dumps(trial.task, sort_keys=True)
             task = tasks[task_key] = tasks.get(task_key) or make_task(trial.task)
             check_vocab(trial, task)
-            build_schedule(trial.schedule, trial.trainer.max_steps,
-                           tokens_per_step=trial.trainer.batch_size * task.seq_len)
-            key = json.dumps([task_key, trial.trainer.batch_size, trial.trainer.val_batches])
+            schedule = build_schedule(trial.schedule, trial.trainer.max_steps,
+                                      tokens_per_step=trial.trainer.batch_size * task.seq_len)
+            two_phase = schedule.phase2_start_step is not None
+            key = json.dumps([task_key, trial.trainer.batch_size, trial.trainer.val_batches, two_phase])
             if key not in metrics_of:
                 metrics_of[key] = logged_metrics(task, trial.trainer.batch_size, trial.trainer.val_batches)
+                metrics_of[key] += list(FORGETTING_METRICS) if two_phase else []
         except LayoutError as err:
             raise LayoutError(f"{where}: {err.reason}", err.text, err.pos) from None
         except ConfigError as err:

@@ -18,7 +18,7 @@ from hybrids.layout import parse_layout
 from search.identity import StudyIdentity
 from search.protocol import NOT_ARM, SEED, budget, match_keywords
 from search.storage import Heartbeat, origin
-from search.study_config import Param, StudyConfig
+from search.study_config import NAMED, Param, StudyConfig
 
 
 class TrialInterrupted(Exception):
@@ -65,7 +65,7 @@ class Objective:
         c = self.config
         out = [*c.train, *self.extra_train]
         for key, value in params.items():
-            out += c.variants[value] if key == "variant" else [override(key, value)]
+            out += c.variants[value] if key in NAMED else [override(key, value)]
         # the study's uid in the folder: a same-named study elsewhere never finds (or overwrites) these checkpoints
         out += [f"run.dir={c.runs_dir}/{self.identity.key}", f"run.name=trial-{number:04d}",
                 "trainer.progress_bar=false",

@@ -22,6 +22,7 @@ from search.protocol import LR, NOT_ARM, WD, Match, check_grid, parse_match
 STUDIES = Path(__file__).resolve().parents[1] / "recipes" / "study"
 KINDS = ("spacing", "ablation", "schedule", "generic")
 SAMPLERS = ("grid", "tpe", "random")
+NAMED = ("variant", "arm")  # space keys whose choices name override lists under `variants`
 DEFAULT_STORAGE = "sqlite:///runs/optuna.db"  # one worker; several share a journal file or an RDB
 
 
@@ -57,7 +58,9 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     train: list[str] = field(default_factory=list)  # Hydra overrides of recipes/train.yaml for every trial
     space: dict[str, Param] = field(default_factory=dict)
-    variants: dict[str, list[str]] = field(default_factory=dict)  # "variant" choices -> override lists
+    # "variant" and "arm" choices -> override lists: variants are task settings (arms are compared within each),
+    # arms are named configurations that no single key expresses (e.g. a layout together with block options)
+    variants: dict[str, list[str]] = field(default_factory=dict)
     # {"by": "params" | "flops" | "state", "reference": [overrides], "multiple_of": 8}; None or "none": not matched
     match: dict[str, Any] | None = None
     lr_grid: list[float] | None = None  # every arm trains at each learning rate; the report keeps its best
@@ -97,10 +100,10 @@ class StudyConfig:
                               f"{self.heartbeat_interval} (else a live trial looks stale), got {self.grace_period}")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed, e.g. seeds=[0]")
-        if "variant" in self.space:
-            missing = set(self.space["variant"].choices) - set(self.variants)
+        for key in NAMED:
+            missing = set(self.space[key].choices) - set(self.variants) if key in self.space else set()
             if missing:
-                raise ConfigError(f"variant choice(s) {', '.join(sorted(missing))} have no entry under 'variants'")
+                raise ConfigError(f"{key} choice(s) {', '.join(sorted(missing))} have no entry under 'variants'")
         self.match = self.match if parse_match(self.match) is not None else None
         self.lr_grid = check_grid("lr_grid", self.lr_grid, positive=True)
         self.wd_grid = check_grid("wd_grid", self.wd_grid, positive=False)

@@ -35,6 +35,27 @@ def test_cosine_exact_values():
     assert all(a > b for a, b in pairwise(steps))
 
 
+def test_linear_and_exp_decay_exact_values():
+    linear = schedule(name="linear", warmup_steps=10, min_lr_ratio=0.1)
+    assert [linear.lr_factor(i) for i in (9, 10, 40, 99)] == approx([1.0, 1.0, 1.0 - 0.9 * 30 / 89, 0.1])
+    exp = schedule(name="exp", warmup_steps=10, min_lr_ratio=0.01)
+    assert [exp.lr_factor(i) for i in (10, 99)] == [1.0, 0.01]
+    assert exp.lr_factor(10 + 89 // 2) == approx(0.01 ** (44 / 89))  # geometric: log-linear in the step
+    for s in (linear, exp):
+        steps = [s.lr_factor(i) for i in range(10, 100)]
+        assert all(a > b for a, b in pairwise(steps))
+
+
+def test_step_decay_holds_equal_factor_stages():
+    s = schedule(name="step", warmup_steps=10, min_lr_ratio=0.01, step_drops=2)
+    # steps 10..99 (90) in 3 stages of 30: 1.0, 0.1, 0.01
+    assert [s.lr_factor(i) for i in (9, 10, 39, 40, 69, 70, 99)] == approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    assert len({s.lr_factor(i) for i in range(10, 100)}) == 3
+    odd = schedule(total=11, name="step", min_lr_ratio=0.25, step_drops=2)  # 11 steps: stages of 4, 4, 3
+    assert [odd.lr_factor(i) for i in range(11)] == approx([1.0] * 4 + [0.5] * 4 + [0.25] * 3)
+    assert {3, 4, 7, 8} <= {r[0] for r in odd.curve(n_points=2)}  # the drops are breakpoints
+
+
 def test_wsd_exact_values():
     s = schedule(name="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1)
     assert all(s.lr_factor(i) == 1.0 for i in range(9, 81))  # stable, and the decay starts at 1.0 on step 80
@@ -165,7 +186,10 @@ def test_lambda_lr_drives_a_torch_optimizer(kwargs):
 
 
 @pytest.mark.parametrize(("total", "kwargs", "field"), [
-    (100, dict(name="linear"), "name"),
+    (100, dict(name="linrar"), "name"),
+    (100, dict(name="exp", min_lr_ratio=0.0), "min_lr_ratio"),
+    (100, dict(name="step", step_drops=0), "step_drops"),
+    (10, dict(name="step", warmup_steps=8, step_drops=2), "step_drops"),
     (100, dict(decay_shape="step"), "decay_shape"),
     (100, dict(phase1_shape="linear"), "phase1_shape"),
     (100, dict(min_lr_ratio=1.5), "min_lr_ratio"),
@@ -198,7 +222,7 @@ def test_limits_are_inclusive():
     schedule(name="wsd", warmup_steps=80, decay_fraction=0.2)
     with pytest.raises(ConfigError, match="tokens_per_step"):
         schedule(tokens_per_step=0)
-    with pytest.raises(ConfigError, match="valid: cosine, wsd, constant, two_phase"):
+    with pytest.raises(ConfigError, match="valid: cosine, wsd, constant, linear, step, exp, two_phase"):
         ScheduleConfig(name="cosin")
 
 
@@ -210,7 +234,7 @@ def valid_schedules(draw):
     tokens_per_step = draw(st.integers(1, 4096))
     min_lr = draw(st.floats(0.0, 1.0))
     shape = draw(st.sampled_from(DECAY_SHAPES))
-    if shape == "exp" and min_lr == 0:
+    if (shape == "exp" or name == "exp") and min_lr == 0:
         min_lr = 0.01
     phase2_step = draw(st.integers(1, total - 1)) if name == "two_phase" else total - 1
     phase2_start = draw(st.sampled_from([phase2_step / total, float(phase2_step * tokens_per_step)]))
@@ -220,7 +244,8 @@ def valid_schedules(draw):
         name=name, warmup_steps=warmup, min_lr_ratio=min_lr, decay_fraction=decay_fraction, decay_shape=shape,
         phase1_shape=draw(st.sampled_from(["constant", "cosine"])), phase1_min_ratio=draw(st.floats(0.0, 1.0)),
         phase2_start=phase2_start, rewarm_steps=draw(st.integers(0, max(0, total - 2 - phase2_step))),
-        rewarm_ratio=draw(st.floats(min_lr, 2.0)), replay_fraction=draw(st.floats(0.0, 1.0)))
+        rewarm_ratio=draw(st.floats(min_lr, 2.0)), replay_fraction=draw(st.floats(0.0, 1.0)),
+        step_drops=draw(st.integers(1, 3)))
     try:
         return build_schedule(config, total, tokens_per_step)
     except ConfigError:  # float rounding at the limits (e.g. decay_fraction a hair too long)
@@ -248,3 +273,16 @@ def test_lr_factor_is_finite_and_bounded(s):
 def test_out_of_range_fractions_raise_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ScheduleConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name", ["linear", "step", "exp"])
+def test_shipped_decay_recipes_compose_and_end_at_their_floor(name):
+    from hybrids.training.config import compose
+
+    config = compose([f"schedule={name}", "trainer.max_steps=200"]).schedule
+    s = build_schedule(config, 200)
+    assert config.name == name and config.warmup_steps == 20 and config.min_lr_ratio == 0.1
+    assert s.lr_factor(19) == 1.0 and s.lr_factor(199) == approx(0.1)
+    assert all(a >= b for a, b in pairwise(s.lr_factor(i) for i in range(20, 200)))
+    if name == "step":  # 180 steps after warmup in 3 stages: 1, sqrt(0.1), 0.1
+        assert [s.lr_factor(i) for i in (79, 80, 139, 140)] == approx([1.0, 0.1 ** 0.5, 0.1 ** 0.5, 0.1])

@@ -28,9 +28,10 @@ from blocks import ConfigError
 from hybrids.training.config import TrainConfig, compose, differences, flatten, run_name, scored, to_dict, to_yaml
 from hybrids.training.data import MixedTask, make_task
 from hybrids.training.files import check_writable, local_path, resume_checkpoint
+from hybrids.training.forgetting import ForgettingCallback
 from hybrids.training.module import LitHybrid
 from hybrids.training.progress import ProgressLines, use_bar
-from hybrids.training.schedules import build_schedule
+from hybrids.training.schedules import Schedule, build_schedule
 from hybrids.training.tracking import mlflow_logger, record_stop
 
 log = logging.getLogger("hybrids")
@@ -139,13 +140,14 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     bar = use_bar(config.trainer.progress_bar)
     progress = [] if bar else [ProgressLines(config.trainer.max_steps, config.trainer.batch_size * module.task.seq_len,
                                              config.trainer.progress_every_s, label=config.run.name or "")]
+    extra = [*forgetting_callbacks(module.schedule), *(callbacks or [])]
     trainer = L.Trainer(
         max_steps=config.trainer.max_steps, val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None,
         limit_val_batches=config.trainer.val_batches, num_sanity_val_steps=0,
         gradient_clip_val=config.optim.grad_clip or None, precision=_precision(config),
         accelerator=config.trainer.accelerator, devices=config.trainer.devices, strategy=config.trainer.strategy,
         num_nodes=config.trainer.num_nodes, use_distributed_sampler=False, logger=loggers,
-        callbacks=[last, best, *progress, *(callbacks or [])], log_every_n_steps=config.trainer.log_every,
+        callbacks=[last, best, *progress, *extra], log_every_n_steps=config.trainer.log_every,
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
     )
     if mlflow is not None and not resumed_from:
@@ -162,6 +164,12 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return TrainResult(run_dir, metrics, trainer.global_step, module.stop_reason,
                        mlflow.run_id if mlflow is not None else None, resumed_from)
+
+
+def forgetting_callbacks(schedule: Schedule) -> list[ForgettingCallback]:
+    """A ForgettingCallback for a schedule with a phase 2 (two_phase), none for the others."""
+    start = schedule.phase2_start_step
+    return [] if start is None else [ForgettingCallback(start)]
 
 
 def _check_same_run(run_dir: Path, config: TrainConfig) -> None:

@@ -1,4 +1,5 @@
-"""Learning-rate and data-mix schedules: cosine, WSD, constant, and Zamba's two-phase schedule.
+"""Learning-rate and data-mix schedules: cosine, WSD, constant, linear, step and exponential decay, and Zamba's
+two-phase schedule.
 
 A `Schedule` maps the 0-based optimizer step to a multiplier of the peak LR (`lr_factor`) and to the share
 of each batch drawn from phase-2 data (`phase2_fraction`). Notation: T = total_steps, W = warmup_steps, the
@@ -15,6 +16,11 @@ last step is T - 1.
 - wsd:       warmup, 1.0 (stable), then the last D = round(decay_fraction * T) steps decay with decay_shape from
              1.0 at step T - D to min_lr_ratio at step T - 1 (D = 0: no decay).
 - constant:  warmup, then 1.0.
+- linear:    warmup, then a linear decay from 1.0 at step W to min_lr_ratio at step T - 1.
+- exp:       warmup, then an exp decay from 1.0 at step W to min_lr_ratio at step T - 1 (needs min_lr_ratio > 0).
+- step:      warmup, then the steps [W, T) split into n = step_drops + 1 equal stages; stage k (0-based,
+             k = floor((s - W) * n / (T - W))) holds min_lr_ratio ** (k / step_drops): 1.0 in the first stage,
+             min_lr_ratio in the last, equal factors between.
 - two_phase: phase 1 = steps [0, P), phase 2 = steps [P, T), where P = round(phase2_start * T) if
              phase2_start < 1, else ceil(phase2_start / tokens_per_step) (the first step that starts at or after
              that many tokens). Phase 1: warmup, then 1.0 (phase1_shape "constant") or a cosine decay from 1.0 at
@@ -42,7 +48,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from blocks import ConfigError
 
-SCHEDULES = ("cosine", "wsd", "constant", "two_phase")
+SCHEDULES = ("cosine", "wsd", "constant", "linear", "step", "exp", "two_phase")
 DECAY_SHAPES = ("linear", "cosine", "exp")
 PHASE1_SHAPES = ("constant", "cosine")
 _FRACTIONS = ("min_lr_ratio", "decay_fraction", "phase1_min_ratio", "replay_fraction")
@@ -52,13 +58,15 @@ _FRACTIONS = ("min_lr_ratio", "decay_fraction", "phase1_min_ratio", "replay_frac
 class ScheduleConfig:
     """An LR and data-mix schedule; the module docstring gives the exact formulas.
 
-    name: cosine | wsd | constant | two_phase. warmup_steps: linear warmup, (s + 1) / warmup_steps at step s.
+    name: cosine | wsd | constant | linear | step | exp | two_phase. warmup_steps: linear warmup, (s + 1) /
+    warmup_steps at step s.
     min_lr_ratio: the final LR as a fraction of the peak. decay_fraction: wsd decays over this last fraction of
     steps. decay_shape: linear | cosine | exp, for wsd's decay and the two-phase anneal. phase1_shape: constant |
     cosine, the two-phase schedule's shape after warmup in phase 1 (cosine ends at phase1_min_ratio on the last
     phase-1 step). phase2_start: a fraction of total steps if < 1, else a token count. rewarm_steps, rewarm_ratio:
     the linear re-warm at the start of phase 2, to rewarm_ratio * peak (above 1 re-warms past the phase-1 peak).
-    replay_fraction: the share of each phase-2 batch drawn from phase-1 data.
+    replay_fraction: the share of each phase-2 batch drawn from phase-1 data. step_drops: the number of drops of
+    the step schedule (each by the same factor, min_lr_ratio ** (1 / step_drops)).
     """
 
     name: str = "cosine"
@@ -72,6 +80,7 @@ class ScheduleConfig:
     rewarm_steps: int = 10
     rewarm_ratio: float = 0.5
     replay_fraction: float = 0.3
+    step_drops: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("name", self.name, SCHEDULES)
@@ -81,6 +90,11 @@ class ScheduleConfig:
             value = getattr(self, key)
             if not _is_real(value) or not 0 <= value <= 1:
                 raise ConfigError(f"schedule.{key} must be a number in [0, 1], got {value!r}")
+        if not _is_int(self.step_drops) or self.step_drops < 1:
+            raise ConfigError(f"schedule.step_drops must be an integer >= 1, got {self.step_drops!r}")
+        if self.name == "exp" and self.min_lr_ratio == 0:
+            raise ConfigError("schedule.min_lr_ratio must be > 0 with the exp schedule (a geometric decay cannot "
+                              "reach 0); use 'linear' to decay to 0")
         for key in ("warmup_steps", "rewarm_steps"):
             value = getattr(self, key)
             if not _is_int(value) or value < 0:
@@ -130,6 +144,9 @@ class Schedule:
                                   f"{T} steps, overlapping the {c.warmup_steps} warmup steps; need decay_fraction <= "
                                   f"{(T - c.warmup_steps) / T:.4g}")
             self._decay_start = T - n_decay
+        elif c.name == "step" and T - c.warmup_steps < c.step_drops + 1:
+            raise ConfigError(f"schedule.step_drops = {c.step_drops} needs at least {c.step_drops + 1} steps after "
+                              f"the {c.warmup_steps} warmup steps (total_steps = {T})")
         elif c.name == "two_phase":
             start = self._phase2_step()
             low = max(1, c.warmup_steps)
@@ -150,10 +167,15 @@ class Schedule:
         s, c = self._clamp(step), self.config
         if c.name == "constant":
             return _warmup(s, c.warmup_steps) if s < c.warmup_steps else 1.0
-        if c.name == "cosine":
+        if c.name in ("cosine", "linear", "exp"):
             if s < c.warmup_steps:
                 return _warmup(s, c.warmup_steps)
-            return _decay(1.0, c.min_lr_ratio, _progress(s, c.warmup_steps, self.total_steps - 1), "cosine")
+            return _decay(1.0, c.min_lr_ratio, _progress(s, c.warmup_steps, self.total_steps - 1), c.name)
+        if c.name == "step":
+            if s < c.warmup_steps:
+                return _warmup(s, c.warmup_steps)
+            stage = min((s - c.warmup_steps) * (c.step_drops + 1) // (self.total_steps - c.warmup_steps), c.step_drops)
+            return c.min_lr_ratio ** (stage / c.step_drops)
         if c.name == "wsd":
             if s < c.warmup_steps:
                 return _warmup(s, c.warmup_steps)
@@ -223,6 +245,10 @@ class Schedule:
         points = {c.warmup_steps - 1, c.warmup_steps}
         if c.name == "wsd":
             points |= {self._decay_start - 1, self._decay_start}
+        if c.name == "step":
+            span = self.total_steps - c.warmup_steps
+            starts = {c.warmup_steps + -(-k * span // (c.step_drops + 1)) for k in range(1, c.step_drops + 1)}
+            points |= starts | {b - 1 for b in starts}
         if c.name == "two_phase":
             points |= {self.phase2_start_step - 1, self.phase2_start_step, self._anneal_start}
         return points
