@@ -55,7 +55,7 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
     """
     from hybrids.accounting import stats
     from hybrids.training.config import compose
-    from hybrids.training.data import make_task
+    from hybrids.training.data import MixedTask, make_task
     from hybrids.training.files import check_writable, local_path
     from hybrids.training.forgetting import FORGETTING_METRICS
     from hybrids.training.module import logged_metrics
@@ -89,6 +89,10 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
             schedule = build_schedule(trial.schedule, trial.trainer.max_steps,
                                       tokens_per_step=trial.trainer.batch_size * task.seq_len)
             two_phase = schedule.phase2_start_step is not None
+            if trial.phase2_task is not None:  # as training builds it: the phase-2 data must fit the phase-1 task
+                phase2_key = json.dumps(trial.phase2_task, sort_keys=True)
+                tasks[phase2_key] = tasks.get(phase2_key) or make_task(trial.phase2_task)
+                MixedTask(task, tasks[phase2_key], schedule)
             key = json.dumps([task_key, trial.trainer.batch_size, trial.trainer.val_batches, two_phase])
             if key not in metrics_of:
                 metrics_of[key] = logged_metrics(task, trial.trainer.batch_size, trial.trainer.val_batches)

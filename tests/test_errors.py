@@ -150,6 +150,8 @@ def study_text(metric="val/accuracy", layout="2M", train="model=mamba-tiny, trai
     (study_text(train="model=mamba-tiny, task.vocab_size=4096"),
      "study s, trial model.layout=M: model.vocab_size = 320 is smaller than the task's vocabulary (4096); "
      "set model.vocab_size=4096"),
+    (study_text(train="model=mamba-tiny, schedule=two_phase, '+phase2_task={name: mqar, seq_len: 32}'"),
+     "study s, trial model.layout=M: phase2_task must have the same seq_len as task (32 != 64)"),
 ])
 def test_a_bad_study_is_rejected_before_any_trial_trains(files, study, message, capsys):
     (files / "s.yaml").write_text(study)
