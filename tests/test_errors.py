@@ -37,7 +37,8 @@ def one_line(capsys) -> str:
     ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps must be an integer >= 0, got -1"),
     ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio must be a number in [0, 1], got 2.0"),
-    ("schedule.name=linear", "unknown schedule.name 'linear'; valid: cosine, wsd, constant, two_phase"),
+    ("schedule.name=cosinus", "unknown schedule.name 'cosinus'; valid: cosine, wsd, constant, linear, step, exp, "
+                              "two_phase"),
 ])
 def test_bad_train_values_name_the_full_key(override, message, capsys):
     assert main(["train", "trainer.max_steps=5", override, "--cfg", "job"]) == 2

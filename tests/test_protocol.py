@@ -46,7 +46,8 @@ def test_every_built_in_study_follows_the_protocol():
         assert len(config.lr_grid) >= 2 and len(config.seeds) >= 2, path.stem
         assert all(not o.startswith("optim.lr=") for o in config.train), path.stem  # the grid sets it
         # unmatched by design: schedules on one model; the published suites compare mixers at equal width
-        assert (config.matching is None) == (path.stem in ("annealing", "zoology-fig2", "mad")), path.stem
+        unmatched = ("annealing", "annealing-robustness", "zoology-fig2", "mad")
+        assert (config.matching is None) == (path.stem in unmatched), path.stem
     demo, _ = load_study(["study=attention-spacing"])
     assert demo.n_trials == 24 and demo.lr_grid == [1e-3, 3e-3, 1e-2] and demo.matching.by == "params"
     assert [o for o in demo.train if o.startswith("task=")] == ["task=multiquery_ar"]  # one line to switch the task

@@ -106,8 +106,8 @@ def test_parent_run_is_failed_killed_reopened_and_finished(tmp_path, monkeypatch
     assert parent.data.tags["hybrids.version"] == "0.1.0"
     assert ("hybrids.git_commit" in parent.data.tags) == (tracking.git_state() is not None)
     out = capsys.readouterr().out
-    assert "trial   1 start    model.layout=M, optim.lr=0.003  seed 0  retry of trial 0\n" in out
-    assert re.search(r"^trial   2 complete   0\.2500  model\.layout=M, optim\.lr=0\.003  6M  seed 0  \ds  0 left$",
+    assert "trial   1 start    model.layout=M, optim.lr=0.001  seed 0  retry of trial 0\n" in out
+    assert re.search(r"^trial   2 complete   0\.2500  model\.layout=M, optim\.lr=0\.001  6M  seed 0  \ds  0 left$",
                      out, re.M), out
 
 

@@ -62,7 +62,8 @@ def test_two_trial_sweep_keeps_everything_and_tops_up(tmp_path, capsys):
 
 def test_unknown_study_and_sqlite_with_workers_fail_in_one_line(tmp_path, capsys):
     assert main(["sweep", "study=nope"]) == 2
-    assert "unknown study 'nope'; built-in studies: annealing, attention-spacing" in capsys.readouterr().err
+    assert ("unknown study 'nope'; built-in studies: annealing, annealing-robustness, arch-data-duration, "
+            "attention-spacing") in capsys.readouterr().err
     assert main(["sweep", *args(tmp_path, "workers=2")]) == 2
     assert "several workers need a journal file or an RDB storage" in capsys.readouterr().err
 
