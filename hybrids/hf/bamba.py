@@ -26,7 +26,7 @@ from hybrids.hf.interop import (
     layout_text,
     require,
 )
-from hybrids.hf.mamba2 import hf_mamba2, mamba2_options, mamba2_weights
+from hybrids.hf.mamba2 import bamba_style_mamba2, hf_mamba2, mamba2_weights
 from hybrids.hf.zamba import same_config
 from hybrids.model import HybridLM
 
@@ -54,11 +54,7 @@ def config_from_hf(c) -> ModelConfig:
         norm_eps=c.rms_norm_eps,
         name=getattr(c, "name_or_path", "") or "bamba",
         blocks={
-            "mamba2": mamba2_options("Bamba", d_model=c.hidden_size, n_heads=c.mamba_n_heads,
-                                     headdim=c.mamba_d_head, ngroups=c.mamba_n_groups, d_state=c.mamba_d_state,
-                                     d_conv=c.mamba_d_conv, chunk_size=c.mamba_chunk_size,
-                                     conv_bias=c.mamba_conv_bias, bias=c.mamba_proj_bias, norm_eps=c.rms_norm_eps,
-                                     dt_limit=c.time_step_limit, activation=c.hidden_act),
+            "mamba2": bamba_style_mamba2("Bamba", c),
             "attention": dict(n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, head_dim=head_dim,
                               softmax_scale=None, bias=bool(c.attention_bias), **rope_options(c, head_dim, "Bamba")),
             "mlp": dict(d_ff=c.intermediate_size, activation=activation_from_hf(c.hidden_act), gated=True,

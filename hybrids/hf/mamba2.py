@@ -30,6 +30,15 @@ def mamba2_options(family: str, *, d_model: int, n_heads: int, headdim: int, ngr
                 chunk_size=chunk_size if chunk_size > 0 and chunk_size & (chunk_size - 1) == 0 else 256, **width)
 
 
+def bamba_style_mamba2(family: str, c) -> dict:
+    """blocks.mamba2 options of an HF config that names its Mamba2 mixer as Bamba does (mamba_n_heads, mamba_d_head,
+    mamba_n_groups, ...): Bamba and GraniteMoeHybrid."""
+    return mamba2_options(family, d_model=c.hidden_size, n_heads=c.mamba_n_heads, headdim=c.mamba_d_head,
+                          ngroups=c.mamba_n_groups, d_state=c.mamba_d_state, d_conv=c.mamba_d_conv,
+                          chunk_size=c.mamba_chunk_size, conv_bias=c.mamba_conv_bias, bias=c.mamba_proj_bias,
+                          norm_eps=c.rms_norm_eps, dt_limit=c.time_step_limit, activation=c.hidden_act)
+
+
 def mamba2_weights(w: WeightMap, m: Mamba2, p: str, rows: float | torch.Tensor = 1.0, in_scale: float = 1.0,
                    out_scale: float = 1.0) -> None:
     """The mixer's parameters under HF prefix p. HF multipliers folded in: rows on in_proj's output (per row),
