@@ -41,3 +41,11 @@ def max_rel(a, b):
     """max |a - b| / max |b| (0 when both are zero)."""
     scale = b.abs().max().clamp_min(1e-30)
     return ((a.double() - b.double()).abs().max() / scale.double()).item()
+
+
+def noisy(model):
+    """The model with noise on every parameter (so that parity is not a coincidence of its init), in eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()

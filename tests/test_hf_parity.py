@@ -21,6 +21,7 @@ from hybrids.hf.zamba import star_layout  # noqa: E402
 from hybrids.hf.zamba import weight_map as zamba_weight_map  # noqa: E402
 from hybrids.layout import Layer, parse_layout  # noqa: E402
 from hybrids.model import HybridLM, build  # noqa: E402
+from tests.inputs import noisy  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 50
@@ -66,14 +67,6 @@ CASES = {
     "zamba2-one-block": (zamba2_one_block, "A*:3M2:A*:2M2"),
     "jamba": (jamba, "M+F:A+E:M+F:M+E:A+F:M+E"),
 }
-
-
-def noisy(model):
-    """The model with noise on every parameter, in eval mode."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def hf_model(case: str):

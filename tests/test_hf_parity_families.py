@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from blocks import ConfigError  # noqa: E402
 from hybrids.hf.interop import family_of, from_hf, to_hf  # noqa: E402
 from hybrids.model import build  # noqa: E402
+from tests.inputs import noisy  # noqa: E402
 
 TOL = 1e-4
 TOL64 = 1e-6  # both sides compute their RMSNorms in fp32 (measured 1.5e-7 to 3.4e-7)
@@ -81,13 +82,6 @@ CASES = {
     "granitemoehybrid-moe": (granite_moe, "M2+E:A+E:M2+E"),
     "granitemoehybrid-dense-tied": (granite_dense_tied, "A+F:2M2+F"),
 }
-
-
-def noisy(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def hf_model(case: str):
