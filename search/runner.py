@@ -21,7 +21,7 @@ from blocks import ConfigError
 from search.checks import check_study
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
-from search.storage import counts, open_storage, recover, still_running
+from search.storage import counts, open_storage, recover, requeue_orphans, still_running
 from search.study_config import StudyConfig, load_study
 from search.worker import open_study, quiet, work, worker_main
 
@@ -121,6 +121,7 @@ def run_study(config: StudyConfig | list[str], extra_train: list[str] | None = N
     _parent_status(config, parent, "RUNNING")  # a top-up re-opens the run a finished or killed sweep closed
     try:
         recovered = recover(study, config.grace_period, config.max_retry)
+        recovered["requeued"] += requeue_orphans(study, config.grace_period, config.max_retry)
         for number, left in still_running(study, config.grace_period):
             print(f"trial {number} is still RUNNING (its worker beat within grace_period = {config.grace_period:g} "
                   f"s): left to that worker; if the worker is gone, the trial counts as stale and is retried by a "

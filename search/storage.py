@@ -164,6 +164,29 @@ def recover(study: optuna.Study, grace_period: float, max_retry: int) -> dict[st
     return {"stale": stale, "requeued": requeued}
 
 
+def requeue_orphans(study: optuna.Study, grace_period: float, max_retry: int) -> list[int]:
+    """Queue the retry that a failed trial's own worker never queued (it was SIGKILLed between recording the
+    failure and queuing the retry): a FAIL older than the grace period, with no retry of its own and no other
+    trial at its parameters that is finished, running or queued. Run once by a sweep command before its
+    workers start (like `search.runner._queue`), so no two callers race for one orphan on one machine.
+    Returns the trial numbers retried."""
+    now = time.time()
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    live = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials if t.state != TrialState.FAIL]
+    out = []
+    for t in trials:
+        if t.state != TrialState.FAIL or t.number in retried or t.datetime_complete is None:
+            continue
+        if now - t.datetime_complete.timestamp() <= grace_period:
+            continue  # its worker may be queuing the retry right now
+        if (t.params or t.system_attrs.get("fixed_params", {})) in live:
+            continue
+        if retry(study, t.number, max_retry):
+            out.append(t.number)
+    return out
+
+
 def still_running(study: optuna.Study, grace_period: float) -> list[tuple[int, float]]:
     """RUNNING trials whose worker still beats: (trial number, seconds until it counts as stale)."""
     now = time.time()

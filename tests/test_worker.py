@@ -13,7 +13,7 @@ import search.storage
 from blocks import ConfigError
 from search.patience import PatientStorage
 from search.runner import _queue
-from search.storage import HEARTBEAT, RETRY_OF, open_storage, recover, retry
+from search.storage import HEARTBEAT, RETRY_OF, open_storage, recover, requeue_orphans, retry
 from search.study_config import load_study
 from search.worker import claim, sampler_seed
 
@@ -94,6 +94,20 @@ def test_retries_stop_at_max_retry_and_never_for_a_diverged_run(tmp_path):
     a.tell(diverged, state=TrialState.FAIL)
     assert not retry(a, 2, max_retry=1)
     assert sampler_seed() != sampler_seed()
+
+
+def test_a_failure_whose_retry_was_never_queued_is_retried_once_at_the_next_start(tmp_path):
+    """A worker SIGKILLed between recording its trial as failed and queuing the retry leaves an orphan."""
+    storage, (a, _) = journal_study(tmp_path)
+    for x in (1, 2):
+        a.enqueue_trial({"x": x})
+        a.tell(claim(a, storage, target=2), state=TrialState.FAIL)
+    assert retry(a, 1, max_retry=2)  # trial 1's worker queued its retry; trial 0's was killed first
+    assert requeue_orphans(a, grace_period=60, max_retry=2) == []  # too recent: its worker may still queue it
+    assert requeue_orphans(a, grace_period=0, max_retry=2) == [0]
+    assert requeue_orphans(a, grace_period=0, max_retry=2) == []  # queued once
+    waiting = a.get_trials(states=(TrialState.WAITING,))
+    assert sorted(t.user_attrs[RETRY_OF] for t in waiting) == [0, 1]
 
 
 class _Flaky:
