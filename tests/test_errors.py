@@ -196,6 +196,9 @@ def test_more_devices_than_the_machine_has_writes_nothing(tmp_path, capsys, monk
                  "trainer.accelerator=gpu"]) == 2
     assert one_line(capsys) == ("hybrids: error: trainer.devices = 2 but this machine has 0 CUDA GPU(s); set "
                                 "trainer.devices=1 or fewer")
+    assert main(["train", f"run.dir={tmp_path}/train", "tracking.enabled=false", "trainer.strategy=fsdp"]) == 2
+    assert one_line(capsys) == ("hybrids: error: trainer.strategy=fsdp needs CUDA GPUs (Lightning's FSDP runs on GPUs "
+                                "only); use trainer.strategy=ddp on CPU")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -83,7 +83,7 @@ class LitHybrid(L.LightningModule):
         tokens = batch.input_ids.numel() * self.trainer.world_size  # of the global batch
         size = batch.input_ids.shape[0]
         self.log_dict({"train/loss": loss.detach(), "train/accuracy": train_accuracy}, on_step=True,
-                      prog_bar=True, batch_size=size)
+                      prog_bar=True, batch_size=size, sync_dist=self.trainer.world_size > 1)  # the global batch's
         self.log_dict({"lr": self.optimizers().param_groups[0]["lr"], "data/phase2_fraction":
                        self.schedule.phase2_fraction(step), "tokens": float((step + 1) * tokens)}, on_step=True,
                       batch_size=size)

@@ -68,6 +68,9 @@ def check_devices(config: TrainConfig) -> None:
         have, what = int(torch.backends.mps.is_available()), "MPS device(s)"
     else:
         have, what = os.cpu_count() or 1, "CPU core(s) (one process each)"
+    if t.strategy == "fsdp" and what != "CUDA GPU(s)":
+        raise ConfigError("trainer.strategy=fsdp needs CUDA GPUs (Lightning's FSDP runs on GPUs only); "
+                          "use trainer.strategy=ddp on CPU")
     if t.devices > have:
         raise ConfigError(f"trainer.devices = {t.devices} but this machine has {have} {what}; "
                           f"set trainer.devices={max(have, 1)} or fewer")
