@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 # The ~170M hybrid of issue 10 (hidden 1024, 12 Mamba2 layers, one shared block invoked twice, LoRA 64), as a recipe
-HYBRID_170M = ["model=zamba2-1.2b", "model.d_model=1024", "model.layout=(5M2:A*:M2)x2",
+HYBRID_170M = ["model=zamba2-1.2b", "model.d_model=1024", "model.layout='(5M2:A*:M2)x2'",
                "model.blocks.shared_attention.n_heads=16", "model.blocks.shared_attention.d_ff=4096",
                "model.blocks.shared_attention.lora_rank=64", "model.blocks.shared_attention.attn_lora_rank=64",
                "model.blocks.mamba2.d_state=64"]

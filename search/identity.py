@@ -66,6 +66,27 @@ def settings(config: StudyConfig, extra_train: list[str]) -> dict[str, Any]:
     return {k: _plain(v) for k, v in flatten({"train": base, **study}).items()}
 
 
+def applicable(values: dict[str, Any]) -> dict[str, Any]:
+    """`settings` without those that cannot act on any of the study's runs: schedule fields that none of its
+    schedules reads (hybrids.training.schedules.SCHEDULE_FIELDS) and data.reset_at_boundaries where no run has
+    documents (every task but `lm`). A field added to the toolkit after a study was stored thus leaves it the same
+    study where the field cannot act, and starts a new version where it can. The schedules and tasks that the
+    study's space or variants choose per trial count as well."""
+    from hybrids.training.schedules import SCHEDULE_FIELDS
+
+    per_trial = " ".join(f"{k} {v}" for k, v in values.items() if k.startswith(("space", "variants")))
+    out = dict(values)
+    names = {values.get("train.schedule.name"), *re.findall(r"\bschedule(?:\.name)?=([\w-]+)", per_trial)}
+    if names <= set(SCHEDULE_FIELDS) and "space.schedule" not in per_trial:
+        used = {"name", "warmup_steps", *(f for name in names for f in SCHEDULE_FIELDS[name])}
+        out = {k: v for k, v in out.items() if not k.startswith("train.schedule.") or k.split(".", 2)[2] in used}
+    tasks = {values.get("train.task.name"), values.get("train.phase2_task.name"),
+             *re.findall(r"\btask=([\w-]+)", per_trial)}
+    if "lm" not in tasks and "space.task" not in per_trial:
+        out.pop("train.data.reset_at_boundaries", None)
+    return out
+
+
 def _plain(value: Any) -> Any:
     """JSON-stable values: lists and dicts as canonical JSON text, so that they compare as wholes."""
     return json.dumps(value, sort_keys=True, default=str) if isinstance(value, list | dict) else value
@@ -98,11 +119,11 @@ def resolve(storage, config: StudyConfig, extra_train: list[str]) -> tuple[optun
         The loaded study, its identity and one line for the user saying what was chosen and why.
     """
     values = settings(config, extra_train)
-    digest = fingerprint(values)
+    digest, mine = fingerprint(values), applicable(values)
     latest: tuple[int, optuna.Study] | None = None
     for version, study_name in versions(storage, config.name):
         study = optuna.load_study(study_name=study_name, storage=storage)
-        if study.user_attrs.get(FINGERPRINT) == digest:
+        if study.user_attrs.get(FINGERPRINT) == digest or applicable(study.user_attrs.get(SETTINGS) or {}) == mine:
             return study, _identity(study, version), ""
         latest = (version, study)
     if latest is None:
@@ -110,7 +131,7 @@ def resolve(storage, config: StudyConfig, extra_train: list[str]) -> tuple[optun
         return study, identity, f"study {identity.name}: new (uid {identity.uid})"
     old_version, old = latest
     study, identity = _create(storage, config, old_version + 1, values, digest)
-    why = differences(old.user_attrs.get(SETTINGS) or {}, values)
+    why = differences(applicable(old.user_attrs.get(SETTINGS) or {}), mine)
     return study, identity, (
         f"study {config.name}: settings differ from the stored {old.study_name} ({why}); started version "
         f"{identity.version} as {identity.name} (uid {identity.uid}); {old.study_name} and its results are kept")

@@ -112,3 +112,21 @@ def test_a_study_without_tracking_writes_no_mlflow_store(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
     assert "mlflow_parent_run_id" not in optuna.load_study(study_name="attention-spacing",
                                                            storage=f"sqlite:///{tmp_path}/t.db").user_attrs
+
+
+def test_a_field_added_since_a_study_was_stored_forks_it_only_where_the_field_can_act(tmp_path, capsys):
+    """A study stored before data.reset_at_boundaries and schedule.step_drops existed resumes (its task has no
+    documents, its schedule is cosine); a field that acts on the runs still starts a new version."""
+    assert sweep(tmp_path, "a.db") == 0
+    study = optuna.load_study(study_name="attention-spacing", storage=f"sqlite:///{tmp_path}/a.db")
+    older = {k: v for k, v in study.user_attrs["settings"].items()
+             if k not in ("train.data.reset_at_boundaries", "train.schedule.step_drops")}
+    study.set_user_attr("settings", older)
+    study.set_user_attr("fingerprint", "stored-by-an-older-hybrids")
+    capsys.readouterr()
+    assert sweep(tmp_path, "a.db", "train.++schedule.step_drops=3") == 0  # cosine reads no step_drops
+    assert "started version" not in capsys.readouterr().out
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/a.db")] == ["attention-spacing"]
+    assert sweep(tmp_path, "a.db", "train.schedule.min_lr_ratio=0.5") == 0
+    out = capsys.readouterr().out
+    assert "train.schedule.min_lr_ratio 0.1 -> 0.5); started version 2" in out

@@ -54,6 +54,15 @@ PHASE1_SHAPES = ("constant", "cosine")
 _FRACTIONS = ("min_lr_ratio", "decay_fraction", "phase1_min_ratio", "replay_fraction")
 
 
+# The fields each schedule reads besides name and warmup_steps: a field its schedule never reads is no setting of a run
+SCHEDULE_FIELDS = {
+    "constant": (), "cosine": ("min_lr_ratio",), "linear": ("min_lr_ratio",), "exp": ("min_lr_ratio",),
+    "step": ("min_lr_ratio", "step_drops"), "wsd": ("min_lr_ratio", "decay_fraction", "decay_shape"),
+    "two_phase": ("min_lr_ratio", "decay_shape", "phase1_shape", "phase1_min_ratio", "phase2_start", "rewarm_steps",
+                  "rewarm_ratio", "replay_fraction"),
+}
+
+
 @dataclass
 class ScheduleConfig:
     """An LR and data-mix schedule; the module docstring gives the exact formulas.
