@@ -44,3 +44,18 @@ def test_the_module_trains_on_its_ranks_slice():
         module.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         mine = module._to_device(module.task.batch(3, 8, "train"))
         assert torch.equal(mine.input_ids, whole.input_ids[4 * rank: 4 * (rank + 1)])
+
+
+def test_fsdp_makes_each_backbone_layer_a_unit_and_keeps_shared_blocks_and_tied_weights_in_the_root():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from hybrids import HybridLM
+    from hybrids.config import ModelConfig
+    from hybrids.training.strategy import backbone_layer_policy, make_strategy
+
+    model = HybridLM(ModelConfig(layout="2M:A*:2M:A*", d_model=32, vocab_size=64, tie_embeddings=True))
+    policy = backbone_layer_policy(model)
+    units = [name for name, module in model.named_modules() if policy(module, recurse=False, nonwrapped_numel=0)]
+    assert units == [f"layers.{i}" for i in range(4)]  # not the shared block (called twice), embedding or head
+    assert make_strategy("ddp", model) == "ddp"
+    assert isinstance(make_strategy("fsdp", model), FSDPStrategy)

@@ -109,6 +109,15 @@ class LitHybrid(L.LightningModule):
         self.log_dict({"val/loss": loss, **metrics}, on_epoch=True, batch_size=batch.input_ids.shape[0],
                       sync_dist=self.trainer.world_size > 1)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by the global gradient norm; under FSDP by the root unit's clip_grad_norm_, the norm over every
+        rank's shard (Lightning's own clipping refuses FSDP, and clipping each shard alone would be wrong)."""
+        clip = self.config.optim.grad_clip
+        if clip and self.config.trainer.strategy == "fsdp":
+            self.trainer.strategy.model.clip_grad_norm_(clip)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         o = self.config.optim
         decay = [p for p in self.model.parameters() if p.dim() >= 2]

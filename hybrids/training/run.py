@@ -32,6 +32,7 @@ from hybrids.training.forgetting import ForgettingCallback
 from hybrids.training.module import LitHybrid
 from hybrids.training.progress import ProgressLines, use_bar
 from hybrids.training.schedules import Schedule, build_schedule
+from hybrids.training.strategy import make_strategy
 from hybrids.training.tracking import mlflow_logger, record_stop
 
 log = logging.getLogger("hybrids")
@@ -147,8 +148,10 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
     trainer = L.Trainer(
         max_steps=config.trainer.max_steps, val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None,
         limit_val_batches=config.trainer.val_batches, num_sanity_val_steps=0,
-        gradient_clip_val=config.optim.grad_clip or None, precision=_precision(config),
-        accelerator=config.trainer.accelerator, devices=config.trainer.devices, strategy=config.trainer.strategy,
+        gradient_clip_val=(config.optim.grad_clip or None) if config.trainer.strategy != "fsdp" else None,
+        precision=_precision(config),
+        accelerator=config.trainer.accelerator, devices=config.trainer.devices,
+        strategy=make_strategy(config.trainer.strategy, module.model),
         num_nodes=config.trainer.num_nodes, use_distributed_sampler=False, logger=loggers,
         callbacks=[last, best, *progress, *extra], log_every_n_steps=config.trainer.log_every,
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
