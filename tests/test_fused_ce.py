@@ -151,3 +151,16 @@ def test_fused_training_loss_reads_the_batch_documents_and_placement_is_no_part_
     whole, _ = modules[1]._train_loss(batch)
     assert abs(fused_loss.item() - loss.item()) < 1e-5 and fused_acc == acc
     assert abs(whole.item() - fused_loss.item()) > 1e-4  # the documents reached the model on the fused path
+
+
+def test_under_autocast_the_fused_loss_runs_the_head_in_the_autocast_dtype_like_f_linear():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 16, 8, requires_grad=True)
+    weight = torch.randn(32, 8, requires_grad=True)  # fp32 master weights, as under bf16-mixed training
+    targets = torch.randint(0, 32, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_cross_entropy(hidden, weight, targets)
+        reference = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten())
+    assert torch.allclose(loss, reference, atol=2e-2)
+    loss.backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32

@@ -128,6 +128,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     Raises:
         ConfigError: an unknown backend, or liger where it cannot run.
     """
+    if torch.is_autocast_enabled(hidden.device.type):
+        # the head's matmuls in the autocast dtype, as F.linear runs under autocast: fp32 master weights would
+        # otherwise pull every chunk's matmul up to fp32
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     d = hidden.shape[-1]
     flat, flat_targets = hidden.reshape(-1, d), targets.reshape(-1)
     scored = flat_targets != ignore_index
