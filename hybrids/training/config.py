@@ -62,6 +62,7 @@ class TrainerConfig:
     num_nodes: int = 1  # machines; torchrun or SLURM starts the processes (Lightning's environments)
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
     fused_ce: bool | str = "auto"  # fused linear cross-entropy in training steps (no (B, L, V) logits); auto: on CUDA
+    data_workers: Any = "auto"  # processes that build training batches ahead of the loop; auto: 2 on CUDA, 0 on CPU
     seed: int = 0
     progress_bar: bool = True  # in a terminal; elsewhere (or false) plain lines every progress_every_s seconds
     progress_every_s: float = 20.0
@@ -74,6 +75,9 @@ class TrainerConfig:
                               f"got {self.accelerator!r}")
         if self.fused_ce not in (True, False, "auto"):
             raise ConfigError(f"trainer.fused_ce must be auto, true or false, got {self.fused_ce!r}")
+        if self.data_workers != "auto" and (isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int)
+                                            or self.data_workers < 0):
+            raise ConfigError(f"trainer.data_workers must be auto or an integer >= 0, got {self.data_workers!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every", "devices",
@@ -175,7 +179,7 @@ def to_yaml(config: TrainConfig) -> str:
 DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
 # where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
 PLACEMENT = ("devices", "strategy", "num_nodes")
-SPEED_ONLY = ("fused_ce",)  # trainer keys that change how a step is computed (equal within rounding), not what
+SPEED_ONLY = ("fused_ce", "data_workers")  # trainer keys that change how a step is computed (equal within rounding), not what
 UNSCORED = DISPLAY_ONLY + PLACEMENT + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 

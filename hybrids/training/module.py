@@ -16,6 +16,7 @@ from hybrids.model import HybridLM
 from hybrids.training.config import TrainConfig
 from hybrids.training.data import rank_slice
 from hybrids.training.loss import fused_linear_cross_entropy
+from hybrids.training.prefetch import data_workers, step_loader
 from hybrids.training.schedules import Schedule
 from hybrids.training.tasks import Batch, Task
 from hybrids.training.tasks.base import IGNORE_INDEX, accuracy
@@ -41,7 +42,11 @@ class LitHybrid(L.LightningModule):
         self._tick: tuple[float, int] | None = None
 
     def train_dataloader(self):
-        return DataLoader(StepIndices(), batch_size=None)
+        workers = data_workers(self.config.trainer.data_workers, self.device.type == "cuda")
+        if workers == 0:
+            return DataLoader(StepIndices(), batch_size=None)  # batches are built in training_step
+        return step_loader(self.task, self.config.trainer.batch_size, self.trainer.global_step, self.global_rank,
+                           self.trainer.world_size, workers)
 
     def val_dataloader(self):
         return DataLoader(range(self.config.trainer.val_batches), batch_size=None)
@@ -66,9 +71,14 @@ class LitHybrid(L.LightningModule):
         loss, correct = fused_linear_cross_entropy(hidden, self.model.lm_head.weight, batch.targets, IGNORE_INDEX)
         return loss, accuracy(correct, batch.targets != IGNORE_INDEX)
 
-    def training_step(self, _index, _batch_idx):
+    def training_step(self, item, _batch_idx):
         step = self.global_step
-        batch = self._to_device(self.task.batch(step, self.config.trainer.batch_size, "train"))
+        if isinstance(item, tuple | list) and int(item[0]) == step:  # built ahead by a data worker (prefetch.py)
+            batch = item[1].to(self.device)
+        elif isinstance(item, tuple | list):
+            raise RuntimeError(f"a data worker built the batch of step {int(item[0])} for step {step}")
+        else:
+            batch = self._to_device(self.task.batch(step, self.config.trainer.batch_size, "train"))
         loss, train_accuracy = self._train_loss(batch)
         total = loss
         aux = self.model.aux_loss()
