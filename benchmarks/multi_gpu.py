@@ -60,8 +60,9 @@ def _speed(rows: list[dict], skip: int = 5) -> float:
 
 def ddp(args) -> dict:
     base = [*(TINY if args.tiny else HYBRID_170M), *LM, f"task.seq_len={args.length}",
-            f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 5}",
-            "trainer.val_every=1000000", "trainer.ckpt_every=1000000", "trainer.val_batches=1", "data.reset_at_boundaries=true",
+            f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
+            f"schedule.warmup_steps={args.steps // 5}", "trainer.val_every=1000000", "trainer.ckpt_every=1000000",
+            "trainer.val_batches=1", "data.reset_at_boundaries=true",
             *(["trainer.accelerator=cpu"] if args.tiny else [])]
     with tempfile.TemporaryDirectory() as tmp:
         one, wall1 = _train([*base, "trainer.devices=1"], Path(tmp), "one")
@@ -101,7 +102,8 @@ def sweep(args) -> dict:
     devices = ",".join(str(i) for i in range(args.devices))
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "hybrids.cli", "sweep", "study=attention-spacing", f"n_trials={2 * args.devices}",
-               f"workers={args.devices}", *([] if args.tiny else [f"devices=[{devices}]"]), f"storage=journal:{tmp}/optuna.journal",
+               f"workers={args.devices}", *([] if args.tiny else [f"devices=[{devices}]"]),
+               f"storage=journal:{tmp}/optuna.journal",
                "tracking_uri=none", f"train.run.dir={tmp}/runs", f"train.trainer.max_steps={args.steps}",
                *(["train.trainer.accelerator=cpu"] if args.tiny else [])]
         start = time.perf_counter()
@@ -117,13 +119,13 @@ def sweep(args) -> dict:
         trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
     worker_gpu = {m.group(1): int(m.group(2)) for m in re.finditer(r"worker \d+ \(([^,)]+), GPU (\d+)\)", done.stdout)}
     gpu = {t.number: worker_gpu.get(t.user_attrs.get("worker")) for t in trials}
-    spans = [(t.number, t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials
-             if t.datetime_complete]
+    done_trials = [t for t in trials if t.datetime_complete]
+    spans = [(t.number, t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in done_trials]
     overlaps = [(a, b) for a, sa, ea in spans for b, sb, eb in spans
                 if a < b and sa < eb and sb < ea and gpu.get(a) is not None and gpu.get(a) != gpu.get(b)]
     return {"check": "sweep", "devices": args.devices, "trials": [
         {"number": n, "gpu": gpu.get(n), "state": t.state.name, "start": s, "end": e}
-        for (n, s, e), t in zip(spans, [t for t in trials if t.datetime_complete])],
+        for (n, s, e), t in zip(spans, done_trials, strict=True)],
         "complete": sum(t.state.name == "COMPLETE" for t in trials), "overlapping_pairs_on_different_gpus": overlaps,
         "wall_s": wall}
 

@@ -75,8 +75,8 @@ class TrainerConfig:
                               f"got {self.accelerator!r}")
         if self.fused_ce not in (True, False, "auto"):
             raise ConfigError(f"trainer.fused_ce must be auto, true or false, got {self.fused_ce!r}")
-        if self.data_workers != "auto" and (isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int)
-                                            or self.data_workers < 0):
+        workers = self.data_workers
+        if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ConfigError(f"trainer.data_workers must be auto or an integer >= 0, got {self.data_workers!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
@@ -179,7 +179,8 @@ def to_yaml(config: TrainConfig) -> str:
 DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change what is printed, not the result
 # where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
 PLACEMENT = ("devices", "strategy", "num_nodes")
-SPEED_ONLY = ("fused_ce", "data_workers")  # trainer keys that change how a step is computed (equal within rounding), not what
+# trainer keys that change how a step is computed (equal within rounding), not what
+SPEED_ONLY = ("fused_ce", "data_workers")
 UNSCORED = DISPLAY_ONLY + PLACEMENT + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 
