@@ -101,7 +101,28 @@ def check_study(config: StudyConfig, extra_train: list[str]) -> None:
             raise LayoutError(f"{where}: {err.reason}", err.text, err.pos) from None
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        if config.metric not in metrics_of[key]:
+        if config.eval and config.metric.startswith(("probe/", "lm_eval/")):
+            check_eval_metric(config.metric, config.eval)
+        elif config.metric not in metrics_of[key]:
             val = [m for m in metrics_of[key] if m.startswith(("val/", "train/"))]
             raise ConfigError(f"{where}: metric {config.metric!r} is not logged by task "
                               f"{trial.task['name']!r}; it logs {', '.join(val)}")
+
+
+def check_eval_metric(metric: str, options: list[str]) -> None:
+    """A study metric from `eval` must name a probe (at one of its lengths) or an lm-eval task that eval runs.
+
+    Raises:
+        ConfigError: naming the metrics eval can give.
+    """
+    from hybrids.evaluation.probes import lengths
+    from hybrids.evaluation.runner import parse_options
+
+    opts = parse_options(["run=.", *options])
+    probes, tasks = opts.task_list()
+    given = [f"probe/{p}/{n}/accuracy" for p in probes for n in lengths(opts.min_len, opts.max_len)]
+    given += [f"lm_eval/{t}/<metric>" for t in tasks]
+    parts = metric.split("/")
+    if parts[0] == "probe" and metric in given or parts[0] == "lm_eval" and len(parts) == 3 and parts[1] in tasks:
+        return
+    raise ConfigError(f"metric {metric!r} is not one eval gives; with eval={options} it gives {', '.join(given)}")

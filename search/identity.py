@@ -63,6 +63,8 @@ def settings(config: StudyConfig, extra_train: list[str]) -> dict[str, Any]:
              "pruner": config.pruner, "seeds": list(config.seeds), "match": config.match,
              "lr_grid": config.lr_grid, "wd_grid": config.wd_grid,
              "space": {k: asdict(p) for k, p in config.space.items()}, "variants": config.variants}
+    if config.eval is not None:  # only when set: a study stored before the key existed keeps its fingerprint
+        study["eval"] = config.eval
     return {k: _plain(v) for k, v in flatten({"train": base, **study}).items()}
 
 

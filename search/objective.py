@@ -138,9 +138,11 @@ class Objective:
         trial.set_user_attr("run_dir", str(result.run_dir))
         trial.set_user_attr("mlflow_run_id", result.mlflow_run_id)
         trial.set_user_attr("resumed_from", result.resumed_from)  # a retry's checkpoint; None: started at step 0
-        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
         if pruning is not None:
             pruning.check_pruned()
+        if c.eval and not result.stop_reason:
+            result.metrics.update(evaluate_run(result, config, c.eval))
+        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
         if result.stop_reason:
             trial.set_user_attr("fail_reason", result.stop_reason)
             trial.set_user_attr("no_retry", True)  # a diverged run diverges again
@@ -148,6 +150,18 @@ class Objective:
         if c.metric not in result.metrics:
             raise ConfigError(f"metric {c.metric!r} was not logged; logged: {', '.join(sorted(result.metrics))}")
         return result.metrics[c.metric]
+
+
+def evaluate_run(result, config, options: list[str]) -> dict[str, float]:
+    """`hybrids eval` on a trial's finished run (on the device it trained on, logged into its MLflow run when it
+    has one); its metrics."""
+    import torch
+
+    from hybrids.evaluation.runner import evaluate
+
+    device = "cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu"
+    defaults = [f"run={result.run_dir}", f"device={device}", f"mlflow={str(bool(result.mlflow_run_id)).lower()}"]
+    return evaluate([*defaults, *options])["metrics"]
 
 
 def _pruning_callback(trial: optuna.Trial, metric: str):

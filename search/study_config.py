@@ -75,6 +75,9 @@ class StudyConfig:
     runs_dir: str = "runs/sweeps"
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     artifacts: str = "runs/mlartifacts"
+    # `hybrids eval` options run on each trial's finished run (e.g. [tasks=probes, max_len=256]); its metrics
+    # ("probe/<probe>/<len>/accuracy", "lm_eval/<task>/<metric>") join the trial's, so `metric` may name one
+    eval: list[str] | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -146,6 +149,16 @@ class StudyConfig:
             raise ConfigError(f"devices must be a non-empty list of GPU indices, e.g. [0, 1], got {self.devices!r}")
         if not all(_is_a(s, int) for s in self.seeds):
             raise ConfigError(f"seeds must be a list of integers, got {self.seeds!r}")
+        if self.eval is not None:
+            if not isinstance(self.eval, list) or not all(isinstance(o, str) for o in self.eval):
+                raise ConfigError(f"eval must be a list of hybrids eval options (key=value), e.g. [tasks=probes, "
+                                  f"max_len=256], got {self.eval!r}")
+            if any(o.startswith(("run=", "model=", "out=")) for o in self.eval):
+                raise ConfigError("eval runs on each trial's own run, into its own folder: leave out run=, model= "
+                                  "and out=")
+            from hybrids.evaluation.runner import parse_options
+
+            parse_options(["run=.", *self.eval])
         if not all(isinstance(o, str) for o in self.train):
             raise ConfigError(f"train must be a list of override strings (key=value), got {self.train!r}")
 
