@@ -4,6 +4,7 @@ sweep that runs one trial per GPU.
     python benchmarks/multi_gpu.py ddp [--steps 50] [--devices 2]   # 1 GPU vs N GPUs, same global batch
     python benchmarks/multi_gpu.py fsdp [--steps 20] [--devices 2]  # zamba2-1.2b under FSDP
     python benchmarks/multi_gpu.py sweep [--devices 2]              # 2 x devices trials, one per GPU at a time
+    --set KEY=VALUE (repeatable): a training override for ddp and fsdp runs, e.g. --set trainer.fused_ce=false
     --tiny: ddp and sweep on CPU processes (gloo) at toy size
 
 Each check runs `hybrids train` / `hybrids sweep` in a subprocess, as a user would, and prints one JSON object:
@@ -63,7 +64,7 @@ def ddp(args) -> dict:
             f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
             f"schedule.warmup_steps={args.steps // 5}", "trainer.val_every=1000000", "trainer.ckpt_every=1000000",
             "trainer.val_batches=1", "data.reset_at_boundaries=true",
-            *(["trainer.accelerator=cpu"] if args.tiny else [])]
+            *(["trainer.accelerator=cpu"] if args.tiny else []), *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         one, wall1 = _train([*base, "trainer.devices=1"], Path(tmp), "one")
         many, wall2 = _train([*base, f"trainer.devices={args.devices}", "trainer.strategy=ddp"], Path(tmp), "many")
@@ -72,7 +73,7 @@ def ddp(args) -> dict:
     diffs = [abs(loss1[s] - loss2[s]) for s in steps]
     worst = max(range(len(steps)), key=diffs.__getitem__)
     speed1, speed2 = _speed(one), _speed(many)
-    return {"check": "ddp", "devices": args.devices, "global_batch": args.batch, "seq_len": args.length,
+    return {"check": "ddp", "devices": args.devices, "overrides": args.set, "global_batch": args.batch, "seq_len": args.length,
             "steps_compared": len(steps), "max_abs_loss_diff": diffs[worst], "at_step": steps[worst],
             "loss_at_worst": [loss1[steps[worst]], loss2[steps[worst]]],
             "final_loss": [loss1[steps[-1]], loss2[steps[-1]]], "tokens_per_s": [speed1, speed2],
@@ -86,7 +87,7 @@ def fsdp(args) -> dict:
     model = TINY if args.tiny else ["model=zamba2-1.2b"]
     overrides = [*model, *LM, f"task.seq_len={args.length}", f"trainer.batch_size={args.batch}",
                  f"trainer.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 5}",
-                 "trainer.val_every=1000000", "trainer.ckpt_every=1000000",
+                 "trainer.val_every=1000000", "trainer.ckpt_every=1000000", *args.set,
                  "trainer.val_batches=1", f"trainer.devices={args.devices}", "trainer.strategy=fsdp",
                  *(["trainer.accelerator=cpu"] if args.tiny else [])]
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +139,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="global batch (default 16; --tiny 4)")
     p.add_argument("--length", type=int, help="tokens per sequence (default 2048; --tiny 64)")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training override (ddp, fsdp)")
     args = p.parse_args()
     args.steps = args.steps or {"ddp": 50, "fsdp": 20, "sweep": 200}[args.check]
     args.batch = args.batch or (4 if args.tiny else 16)
