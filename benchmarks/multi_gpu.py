@@ -73,7 +73,8 @@ def ddp(args) -> dict:
     diffs = [abs(loss1[s] - loss2[s]) for s in steps]
     worst = max(range(len(steps)), key=diffs.__getitem__)
     speed1, speed2 = _speed(one), _speed(many)
-    return {"check": "ddp", "devices": args.devices, "overrides": args.set, "global_batch": args.batch, "seq_len": args.length,
+    return {"check": "ddp", "devices": args.devices, "overrides": args.set, "global_batch": args.batch,
+            "seq_len": args.length,
             "steps_compared": len(steps), "max_abs_loss_diff": diffs[worst], "at_step": steps[worst],
             "loss_at_worst": [loss1[steps[worst]], loss2[steps[worst]]],
             "final_loss": [loss1[steps[-1]], loss2[steps[-1]]], "tokens_per_s": [speed1, speed2],
