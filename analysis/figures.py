@@ -211,6 +211,8 @@ def curves(df: pd.DataFrame, summary: pd.DataFrame, meta: StudyMeta, runs: dict[
 
 def importance(study: optuna.Study, df: pd.DataFrame, meta: StudyMeta, path: Path) -> Path:
     """(d) Optuna's fANOVA parameter importances (seeded), when 2 or more params vary over 3 or more trials."""
+    if df.attrs.get("joined"):
+        raise FigureSkipped("the report joins several studies; Optuna's importances read one study's trials")
     done = _complete(df)
     varying = [p for p in df.attrs.get("params", []) if p in done.columns and done[p].nunique(dropna=True) > 1]
     if len(done) < 3 or len(varying) < 2:

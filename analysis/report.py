@@ -27,6 +27,7 @@ import optuna
 import pandas as pd
 
 from analysis import arms, figures, score, variance
+from analysis.companions import join
 from analysis.curves import trial_curves
 from analysis.frames import NOT_TABULATED, ReportError, StudyMeta, load_study, summary_frame, trials_frame
 from analysis.tables import fmt_number, markdown_table, table_cells, text_table
@@ -247,7 +248,7 @@ def _claim(out_dir: Path, meta: StudyMeta) -> Path:
 
 
 def write_report(storage, study_name: str, out_dir: str | Path | None = None,
-                 log_to_mlflow: bool = True, echo: bool = True) -> ReportResult:
+                 log_to_mlflow: bool = True, echo: bool = True, companions: list[str] | None = None) -> ReportResult:
     """Write the tables and figures of a study, and log them to the study's MLflow parent run.
 
     Args:
@@ -261,13 +262,14 @@ def write_report(storage, study_name: str, out_dir: str | Path | None = None,
             "best/<metric>" (with task settings, each setting's as "best/<metric>/<setting>"), when the study
             records mlflow_parent_run_id and tracking_uri.
         echo: print the terminal table.
+        companions: studies in the same storage whose trials join as further arms (analysis.companions).
     Returns:
         A `ReportResult`: the files written, the figures drawn or skipped (with why) and the terminal text.
     Raises:
         ReportError: for a missing storage or an unknown study.
     """
     study, meta = load_study(storage, study_name)
-    df = trials_frame(study, meta)
+    df, meta = join(storage, study, meta, trials_frame(study, meta), list(companions or []))
     points = arms.arm_points(df)
     arms_df = arms.arms_frame(df, meta)
     per_arm = bool(meta.lr_grid or meta.wd_grid) and len(arms_df) > 0

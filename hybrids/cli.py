@@ -133,8 +133,8 @@ def _sweep(args) -> int:
     return 0
 
 
-REPORT_OPTIONS = ("study", "storage", "out", "mlflow")
-REPORT_USAGE = "hybrids report study=<name> [storage=URL] [out=DIR] [mlflow=false]"
+REPORT_OPTIONS = ("study", "storage", "out", "mlflow", "with")
+REPORT_USAGE = "hybrids report study=<name> [with=<study>,...] [storage=URL] [out=DIR] [mlflow=false]"
 
 
 def _report_options(options: list[str]) -> dict[str, str]:
@@ -157,7 +157,8 @@ def _report(args) -> int:
 
     opts = _report_options(args.options)
     write_report(opts.get("storage", DEFAULT_STORAGE), opts["study"], out_dir=opts.get("out"),
-                 log_to_mlflow=opts.get("mlflow", "true").lower() != "false")
+                 log_to_mlflow=opts.get("mlflow", "true").lower() != "false",
+                 companions=[name for name in opts.get("with", "").split(",") if name])
     return 0
 
 

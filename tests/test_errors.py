@@ -163,11 +163,12 @@ def test_a_bad_study_is_rejected_before_any_trial_trains(files, study, message, 
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["study=x", "stuff"], "unknown report option 'stuff'; usage: hybrids report study=<name> [storage=URL] "
-                           "[out=DIR] [mlflow=false]"),
-    (["study=x", "output=r"], "unknown report option 'output=r'; usage: hybrids report study=<name> [storage=URL] "
-                              "[out=DIR] [mlflow=false]"),
-    (["storage=x.db"], "name the study: hybrids report study=<name> [storage=URL] [out=DIR] [mlflow=false]"),
+    (["study=x", "stuff"], "unknown report option 'stuff'; usage: hybrids report study=<name> [with=<study>,...] "
+                           "[storage=URL] [out=DIR] [mlflow=false]"),
+    (["study=x", "output=r"], "unknown report option 'output=r'; usage: hybrids report study=<name> "
+                              "[with=<study>,...] [storage=URL] [out=DIR] [mlflow=false]"),
+    (["storage=x.db"], "name the study: hybrids report study=<name> [with=<study>,...] [storage=URL] [out=DIR] "
+                       "[mlflow=false]"),
     (["study=x", "mlflow=no"], "mlflow must be true or false, got 'no'"),
 ])
 def test_report_rejects_unknown_options(files, options, message, capsys):
