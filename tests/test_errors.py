@@ -132,7 +132,7 @@ def test_a_sweep_on_gpus_this_machine_lacks_is_one_line(files, capsys):
 def test_unknown_study_key_lists_the_valid_ones(files, capsys):
     line = _sweep_error(capsys, "study=attention-spacing", "n_trial=2")
     assert line.startswith("hybrids: error: unknown study key 'n_trial'; valid: artifacts, devices, direction, "
-                           "grace_period")
+                           "eval, grace_period")
 
 
 def study_text(metric="val/accuracy", layout="2M", train="model=mamba-tiny, trainer.max_steps=40"):
