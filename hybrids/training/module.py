@@ -73,10 +73,10 @@ class LitHybrid(L.LightningModule):
 
     def training_step(self, item, _batch_idx):
         step = self.global_step
-        if isinstance(item, tuple | list) and int(item[0]) == step:  # built ahead by a data worker (prefetch.py)
+        if isinstance(item, tuple | list):  # (step, batch) built ahead by a data worker (prefetch.py)
+            if int(item[0]) != step:
+                raise RuntimeError(f"a data worker built the batch of step {int(item[0])} for step {step}")
             batch = item[1].to(self.device)
-        elif isinstance(item, tuple | list):
-            raise RuntimeError(f"a data worker built the batch of step {int(item[0])} for step {step}")
         else:
             batch = self._to_device(self.task.batch(step, self.config.trainer.batch_size, "train"))
         loss, train_accuracy = self._train_loss(batch)

@@ -3,7 +3,7 @@
 A batch stays a pure function of its step: worker k of n builds the batches of steps start + k, start + k + n, ...,
 and the DataLoader hands them over in worker order, so the loop receives steps start, start + 1, ... exactly as if
 it had built them itself; each item carries its step, and the loop checks it. A resumed run starts the workers at
-its resumed step. Each process builds only its own rank's slice of the global batch.
+its resumed step. A worker builds the global batch, as every rank does, and hands over its rank's slice only.
 """
 
 from __future__ import annotations
