@@ -68,8 +68,9 @@ def label_trials(df: pd.DataFrame) -> pd.DataFrame:
     """The trials frame plus each trial's arm, setting ("" when the study has none), architecture (the arm
     without its setting), lr and wd (NaN where the study does not vary them)."""
     keys, setting = arm_by(df), setting_key(df)
-    arm = df["arm"].astype(str) if not keys and "arm" in df.columns and df["arm"].notna().all() else \
-        _labels(df, keys, "arm")
+    label = "attr:arm" if "attr:arm" in df.columns else "arm"  # the sweep's label; attr:arm where a param is "arm"
+    arm = df[label].astype(str) if not keys and label in df.columns and df[label].notna().all() else \
+        _labels(df, keys, label)
     return df.assign(arm=arm, setting=df[setting].map(_text) if setting else "",
                      architecture=_labels(df, [k for k in keys if k != setting]) if setting else arm,
                      lr=pd.to_numeric(df[LR], errors="coerce") if LR in df.columns else np.nan,

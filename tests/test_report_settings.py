@@ -161,3 +161,22 @@ def test_the_score_needs_no_lr_grid_and_counts_settings_no_trial_reached():
     meta.setting_choices = None  # a study that records no space: the settings its trials name
     assert all_settings(df, meta) == SETTINGS
     assert all_settings(df.drop(columns="variant"), meta) == []
+
+
+def test_a_dimension_named_arm_keeps_its_settings_apart():
+    """shared-attention-icl names its arm dimension `arm`, like the trials' arm label: each (arm, setting) stays
+    its own arm, not one arm pooled over the settings."""
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="icl", storage=storage, direction="maximize")
+    for key, value in {"metric": "val/accuracy", "direction": "maximize", "kind": "ablation",
+                       "group_by": ["arm", "variant"], "arm_by": ["arm", "variant"],
+                       "settings": {"space.variant.choices": json.dumps(SETTINGS)}}.items():
+        study.set_user_attr(key, value)
+    distributions = {"arm": CategoricalDistribution(["mamba", "shared"]), "variant": CategoricalDistribution(SETTINGS)}
+    for i, (arm, setting) in enumerate((a, s) for a in ("mamba", "shared") for s in SETTINGS):
+        study.add_trial(create_trial(params={"arm": arm, "variant": setting}, distributions=distributions,
+                                     value=i / 10, user_attrs={"arm": f"arm={arm}, variant={setting}"}))
+    df, (_, meta) = study_frame(storage, "icl"), load_study(storage, "icl")
+    arms = arms_frame(df, meta)
+    assert len(arms) == 6 and sorted(set(arms["setting"])) == sorted(SETTINGS)
+    assert arms.set_index("arm").loc["arm=shared, variant=copy", "mean"] == pytest.approx(0.4)
