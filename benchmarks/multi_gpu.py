@@ -59,12 +59,17 @@ def _speed(rows: list[dict], skip: int = 5) -> float:
     return statistics.median(speeds) if speeds else float("nan")
 
 
+def _run(args, model: list[str]) -> list[str]:
+    """The training overrides of a ddp or fsdp check: LM data, the global batch, no validation or checkpoints on the
+    way, then --set."""
+    return [*model, *LM, f"task.seq_len={args.length}", f"trainer.batch_size={args.batch}",
+            f"trainer.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 5}",
+            "trainer.val_every=1000000", "trainer.ckpt_every=1000000", "trainer.val_batches=1",
+            "data.reset_at_boundaries=true", *(["trainer.accelerator=cpu"] if args.tiny else []), *args.set]
+
+
 def ddp(args) -> dict:
-    base = [*(TINY if args.tiny else HYBRID_170M), *LM, f"task.seq_len={args.length}",
-            f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
-            f"schedule.warmup_steps={args.steps // 5}", "trainer.val_every=1000000", "trainer.ckpt_every=1000000",
-            "trainer.val_batches=1", "data.reset_at_boundaries=true",
-            *(["trainer.accelerator=cpu"] if args.tiny else []), *args.set]
+    base = _run(args, TINY if args.tiny else HYBRID_170M)
     with tempfile.TemporaryDirectory() as tmp:
         one, wall1 = _train([*base, "trainer.devices=1"], Path(tmp), "one")
         many, wall2 = _train([*base, f"trainer.devices={args.devices}", "trainer.strategy=ddp"], Path(tmp), "many")
@@ -85,12 +90,8 @@ def ddp(args) -> dict:
 def fsdp(args) -> dict:
     if args.tiny:
         raise SystemExit("fsdp runs on GPUs only (Lightning's FSDP has no CPU path)")
-    model = TINY if args.tiny else ["model=zamba2-1.2b"]
-    overrides = [*model, *LM, f"task.seq_len={args.length}", f"trainer.batch_size={args.batch}",
-                 f"trainer.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 5}",
-                 "trainer.val_every=1000000", "trainer.ckpt_every=1000000", *args.set,
-                 "trainer.val_batches=1", f"trainer.devices={args.devices}", "trainer.strategy=fsdp",
-                 *(["trainer.accelerator=cpu"] if args.tiny else [])]
+    model = ["model=zamba2-1.2b"]
+    overrides = [*_run(args, model), f"trainer.devices={args.devices}", "trainer.strategy=fsdp"]
     with tempfile.TemporaryDirectory() as tmp:
         rows, wall = _train(overrides, Path(tmp), "fsdp")
     loss = _series(rows, "train/loss")

@@ -21,7 +21,7 @@ from blocks import ConfigError
 from search.checks import check_study
 from search.identity import StudyIdentity, resolve
 from search.objective import Objective, TrialInterrupted
-from search.storage import counts, open_storage, recover, requeue_orphans, still_running
+from search.storage import counts, grid_point, open_storage, recover, requeue_orphans, still_running
 from search.study_config import StudyConfig, load_study
 from search.worker import open_study, quiet, work, worker_main
 
@@ -70,7 +70,7 @@ def _queue(config: StudyConfig, study: optuna.Study) -> int:
     them (search.storage.recover)."""
     trials = study.get_trials(deepcopy=False)
     if config.sampler == "grid":
-        covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials]
+        covered = [grid_point(t) for t in trials]
         points = [point for point in config.grid()[: config.n_trials] if point not in covered]
     else:
         live = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)

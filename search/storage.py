@@ -95,6 +95,12 @@ class Heartbeat:
         self._thread.join()
 
 
+def grid_point(trial: optuna.trial.FrozenTrial) -> dict:
+    """The parameters a trial runs at: those it suggested, or (not started yet, or failed before it suggested them)
+    the point it was queued with."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
 def origin(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.Trial) -> int:
     """The number of the first trial in a chain of retries (whose run directory all retries share)."""
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -122,9 +128,7 @@ def retry(study: optuna.Study, number: int, max_retry: int) -> bool:
     trial = by_number[number]
     if trial.user_attrs.get("no_retry") or _depth(by_number, number) >= max_retry:
         return False
-    # a trial failed before it suggested its parameters still holds the point it was queued with
-    params = trial.params or trial.system_attrs.get("fixed_params", {})
-    study.enqueue_trial(params, user_attrs={RETRY_OF: number}, skip_if_exists=False)
+    study.enqueue_trial(grid_point(trial), user_attrs={RETRY_OF: number}, skip_if_exists=False)
     return True
 
 
@@ -173,14 +177,14 @@ def requeue_orphans(study: optuna.Study, grace_period: float, max_retry: int) ->
     now = time.time()
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
-    live = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials if t.state != TrialState.FAIL]
+    live = [grid_point(t) for t in trials if t.state != TrialState.FAIL]
     out = []
     for t in trials:
         if t.state != TrialState.FAIL or t.number in retried or t.datetime_complete is None:
             continue
         if now - t.datetime_complete.timestamp() <= grace_period:
             continue  # its worker may be queuing the retry right now
-        if (t.params or t.system_attrs.get("fixed_params", {})) in live:
+        if grid_point(t) in live:
             continue
         if retry(study, t.number, max_retry):
             out.append(t.number)
