@@ -67,7 +67,7 @@ class Mamba(Block):
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, c.d_model, bias=c.bias) if c.out_proj else None
         self.inner_norms = nn.ModuleList(
-            [RMSNorm(n, c.norm_eps) for n in (c.dt_rank, c.d_state, c.d_state)] if c.inner_norms else []
+            [RMSNorm(n, c.norm_eps, c.backend) for n in (c.dt_rank, c.d_state, c.d_state)] if c.inner_norms else []
         )
         self.reset_parameters()
 

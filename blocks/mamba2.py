@@ -92,7 +92,7 @@ class Mamba2(Block):
         self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.n_heads))
-        self.norm = gate_norm(c.gate_norm, c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
+        self.norm = gate_norm(c.gate_norm, c.d_inner, c.d_inner // c.ngroups, c.norm_eps, c.backend)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias) if c.out_proj else None
         self.reset_parameters()
 

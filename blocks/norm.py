@@ -6,17 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks.ops.norm import gated_rms_norm, rms_norm
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """weight * x / rms(x); `backend` as the ops' (auto: mamba-ssm's fused kernel on CUDA when it imports)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.backend)
 
 
 GATE_NORMS = ("gated", "norm_first", "none")
@@ -28,21 +30,14 @@ class GatedRMSNorm(nn.Module):
     norm_first=True: rmsnorm(x) * silu(z) instead (Falcon-H1's mamba_norm_before_gate).
     """
 
-    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, norm_first: bool = False):
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, norm_first: bool = False,
+                 backend: str = "auto"):
         super().__init__()
-        self.eps, self.group_size, self.norm_first = eps, group_size, norm_first
+        self.eps, self.group_size, self.norm_first, self.backend = eps, group_size, norm_first, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        x32 = x.float()
-        if z is not None and not self.norm_first:
-            x32 = x32 * F.silu(z.float())
-        groups = x32.unflatten(-1, (-1, self.group_size))  # (..., G, group_size)
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight * groups.flatten(-2)
-        if z is not None and self.norm_first:
-            y = y * F.silu(z.float())
-        return y.to(x.dtype)
+        return gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_first, self.backend)
 
 
 class SiluGate(nn.Module):
@@ -52,9 +47,9 @@ class SiluGate(nn.Module):
         return x if z is None else (x.float() * F.silu(z.float())).to(x.dtype)
 
 
-def gate_norm(kind: str, dim: int, group_size: int, eps: float) -> nn.Module:
+def gate_norm(kind: str, dim: int, group_size: int, eps: float, backend: str = "auto") -> nn.Module:
     """The output gate of a Mamba2 mixer: "gated" rmsnorm(x * silu(z)), "norm_first" rmsnorm(x) * silu(z),
     "none" x * silu(z)."""
     if kind == "none":
         return SiluGate()
-    return GatedRMSNorm(dim, group_size, eps, norm_first=kind == "norm_first")
+    return GatedRMSNorm(dim, group_size, eps, norm_first=kind == "norm_first", backend=backend)

@@ -19,6 +19,7 @@ from blocks.attention import Attention, AttentionConfig
 from blocks.base import Block, BlockConfig, KVCache, check, linear_flops
 from blocks.mlp import MLP, MLPConfig
 from blocks.norm import RMSNorm
+from blocks.ops.backend import check_backend
 from blocks.registry import register
 
 
@@ -38,9 +39,11 @@ class SharedAttentionConfig(BlockConfig):
     attn_lora_rank: int = 0  # LoRA on q, k, v, per invocation; 0: off
     out_proj: bool = True  # per-invocation Linear(d_model, d_model) on the output
     norm_eps: float = 1e-5
+    backend: str = "auto"  # of the norms (the model's backend)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_backend(self.backend)
         check(self.n_invocations > 0, f"shared block: n_invocations must be positive, got {self.n_invocations}")
         check(self.lora_rank >= 0 and self.attn_lora_rank >= 0, "shared block: LoRA ranks must be >= 0")
 
@@ -79,9 +82,9 @@ class SharedAttention(Block):
         )
         if c.softmax_scale is None:
             attn_config.softmax_scale = (attn_config.head_dim / 2) ** -0.5
-        self.input_norm = RMSNorm(c.d_attn, c.norm_eps)
+        self.input_norm = RMSNorm(c.d_attn, c.norm_eps, c.backend)
         self.attn = Attention(attn_config)
-        self.pre_ff_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.pre_ff_norm = RMSNorm(c.d_model, c.norm_eps, c.backend)
         self.mlp = MLP(MLPConfig(d_model=c.d_model, d_ff=c.d_ff, activation=c.activation))
         self.invocations = nn.ModuleList(
             [Invocation(c, attn_config, self.mlp.up_proj.out_features) for _ in range(c.n_invocations)]

@@ -32,11 +32,11 @@ SHARED_FORM = {"attention": "shared_attention"}  # starred symbol -> the block b
 class Layer(nn.Module):
     """One backbone layer: a pre-norm residual mixer and/or a pre-norm residual MLP."""
 
-    def __init__(self, mixer: Block | None, mlp: Block | None, d_model: int, eps: float):
+    def __init__(self, mixer: Block | None, mlp: Block | None, d_model: int, eps: float, backend: str = "auto"):
         super().__init__()
-        self.mixer_norm = RMSNorm(d_model, eps) if mixer is not None else None
+        self.mixer_norm = RMSNorm(d_model, eps, backend) if mixer is not None else None
         self.mixer = mixer
-        self.mlp_norm = RMSNorm(d_model, eps) if mlp is not None else None
+        self.mlp_norm = RMSNorm(d_model, eps, backend) if mlp is not None else None
         self.mlp = mlp
 
     def forward(self, x, inject=None, cache: Cache | None = None, step: bool = False, **context):
@@ -99,7 +99,7 @@ class HybridLM(nn.Module):
             self.shared[key] = self._shared(symbols[key], n)
         self.plan = [("shared_layer", p[1]) if p[0] == "shared" and isinstance(self.shared[p[1]], Layer) else p
                      for p in self.plan]
-        self.norm = RMSNorm(d, config.norm_eps)
+        self.norm = RMSNorm(d, config.norm_eps, config.backend)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -137,7 +137,7 @@ class HybridLM(nn.Module):
 
     def _layer(self, mixer: str | ParallelSpec | None, mlp: str | None) -> Layer:
         return Layer(self._mixer(mixer) if mixer else None, self._block(mlp) if mlp else None,
-                     self.config.d_model, self.config.norm_eps)
+                     self.config.d_model, self.config.norm_eps, self.config.backend)
 
     def _shared(self, symbol: str | ParallelSpec, n_invocations: int) -> nn.Module:
         if isinstance(symbol, ParallelSpec):

@@ -89,3 +89,26 @@ def test_block_backends_agree_and_step_matches(dtype, make):
         errors["step"] = max_rel(torch.cat(outs, 1).float(), y_fast.float())
     report(f"block {type(ref).__name__}", dtype, errors)
     assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["rms", "gated", "norm_first", "gated_groups", "no_gate"])
+def test_fused_norms_equal_the_torch_path(dtype, kind):
+    """mamba-ssm's Triton norms against the PyTorch path: outputs and the gradients of x, z and the weight."""
+    from blocks.ops import norm
+
+    x = torch.randn(2, 300, 512, device="cuda", dtype=dtype, requires_grad=True)
+    z = torch.randn_like(x, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(512, device="cuda", dtype=dtype)).requires_grad_()
+    if kind == "rms":
+        def run(backend):
+            return (norm.rms_norm(x, weight, 1e-5, backend),)
+        inputs = [x, weight]
+    else:
+        group = 128 if kind == "gated_groups" else 512
+        gate = None if kind == "no_gate" else z
+
+        def run(backend):
+            return (norm.gated_rms_norm(x, gate, weight, 1e-5, group, kind == "norm_first", backend),)
+        inputs = [x, weight] + ([z] if gate is not None else [])
+    compare(f"norm {kind}", dtype, run("torch"), run("mamba_ssm"), inputs, grad_outputs=1)
