@@ -47,8 +47,9 @@ class StaticDecoder:
 
     Its input (the token), its position (a 0-dim int64 tensor that the step itself advances) and its output
     (the logits) live in buffers that never move, which is what a CUDA graph needs. With `cuda_graph` the step is
-    captured when the decoder is made (after two warm-up steps that let Triton and cuBLAS settle); the cache is then
-    zeroed, so that prefill starts from the state a fresh cache has.
+    captured at the first step after prefill, so the first token (the prefill's) never waits for it: two warm-up
+    steps let Triton and cuBLAS settle, the capture records a third, and the cache and position are then put back
+    as prefill left them.
     """
 
     def __init__(self, model: HybridLM, batch: int, max_seqlen: int, cuda_graph: bool = False):
@@ -56,10 +57,9 @@ class StaticDecoder:
         self.model, self.cache = model, model.allocate_cache(batch, max_seqlen)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        if cuda_graph:
-            self._capture()
 
     def _step(self) -> torch.Tensor:
         logits = self.model(self.token, self.cache, step=True, position=self.position)[:, -1]
@@ -67,6 +67,7 @@ class StaticDecoder:
         return logits
 
     def _capture(self) -> None:
+        saved = [t.clone() for t in cache_tensors(self.cache)] + [self.position.clone()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -76,8 +77,8 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
-        zero_cache(self.cache)
-        self.position.zero_()
+        for t, s in zip([*cache_tensors(self.cache), self.position], saved, strict=True):
+            t.copy_(s)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (B, T) -> the last position's logits (B, V); fills the cache (the ordinary forward)."""
@@ -89,22 +90,23 @@ class StaticDecoder:
         """token: (B,) -> logits (B, V) of the next position; with a graph, a view of the output buffer that the
         next step overwrites."""
         self.token.copy_(token[:, None])
+        if self.cuda_graph and self.graph is None:
+            self._capture()
         if self.graph is None:
             return self._step()
         self.graph.replay()
         return self.logits
 
 
-def zero_cache(cache) -> None:
-    """Zero every tensor of a (nested) cache in place."""
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor of a (nested) cache."""
     if isinstance(cache, torch.Tensor):
-        cache.zero_()
-    elif isinstance(cache, (list, tuple)):
-        for item in cache:
-            zero_cache(item)
-    elif dataclasses.is_dataclass(cache):
-        for f in dataclasses.fields(cache):
-            zero_cache(getattr(cache, f.name))
+        return [cache]
+    if isinstance(cache, (list, tuple)):
+        return [t for item in cache for t in cache_tensors(item)]
+    if dataclasses.is_dataclass(cache):
+        return [t for f in dataclasses.fields(cache) for t in cache_tensors(getattr(cache, f.name))]
+    return []
 
 
 def not_static(model: HybridLM) -> list[str]:
