@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from hybrids.accounting import peak_flops as device_peak_flops
 from hybrids.accounting import stats
 from hybrids.model import HybridLM, build
-
-# Dense bf16 peak FLOP/s by device name (the SXM parts' datasheets); MFU is null for a device not listed here.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 def zamba2_config(tiny: bool, max_positions: int = 4096):
@@ -66,10 +64,5 @@ def training_flops_per_token(model: HybridLM, seq_len: int) -> int:
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """The device's peak bf16 FLOP/s: the override, the PEAK_BF16 entry its name contains, or None."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    """The device's peak bf16 FLOP/s: the override, else hybrids.accounting.peak_flops (None where unknown)."""
+    return override_tflops * 1e12 if override_tflops else device_peak_flops(device)

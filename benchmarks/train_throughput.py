@@ -1,6 +1,7 @@
 """Training throughput of HF transformers' Zamba2 and Llama against ours, side by side in one process (issue 10).
 
     python benchmarks/train_throughput.py [--tiny] [--batch 4] [--length 2048] [--steps 10] [--rows NAME ...]
+                                          [--profile NAME ... --profile-out DIR]
 
 One row per model, each one training step (forward, cross-entropy, backward; no optimizer) on random tokens:
   hf_zamba2        transformers' Zamba2ForCausalLM at the 170M config (mamba-ssm kernels when importable)
@@ -12,9 +13,11 @@ One row per model, each one training step (forward, cross-entropy, backward; no 
   ours_llama       the llama recipe at the same size, fused cross-entropy (--fused-ce)
 Prints JSON: per row tokens/s (median step), first_step_s, peak GiB (torch.cuda.max_memory_allocated; null on CPU),
 MFU (training FLOPs per token from hybrids.accounting, shared blocks counted per invocation, x tokens/s / the
-device's peak bf16 FLOP/s; null where the peak is unknown, see reference_models.PEAK_BF16), or the error that row
+device's peak bf16 FLOP/s; null where the peak is unknown, see hybrids.accounting.PEAK_BF16), or the error that row
 raised. On CUDA the step runs in bf16 autocast over fp32 weights (as training's bf16-mixed); on CPU in fp32.
 --tiny: CPU-sized models of the same structure (batch 2 x 64 tokens by default).
+--profile: after timing the named rows, profile two more steps of each with torch.profiler and write the table of
+kernels by self device time (and the launch count) to DIR/profile-NAME.txt.
 """
 
 from __future__ import annotations
@@ -71,6 +74,28 @@ def measure(model, kind: str, ids: torch.Tensor, steps: int, device: torch.devic
             "peak_gib": round(peak, 2) if peak is not None else None}
 
 
+def profile_steps(model, kind: str, ids: torch.Tensor, device: torch.device, path: str) -> None:
+    """Two steps under torch.profiler: operators and kernels by self device time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            with autocast:
+                loss = _loss(kind, model, ids)
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+        _sync(device)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA") // 2
+    with open(path, "w") as f:
+        f.write(f"kernel launches per step: {kernels}\n")
+        f.write(events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
+
+
 def row_model(name: str, tiny: bool, zamba2_source, device: torch.device, fused_ce: str):
     """(model, loss kind, our model for the FLOP count) of a row."""
     fused = "fused" if fused_ce == "true" or (fused_ce == "auto" and device.type == "cuda") else "plain"
@@ -97,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU")
     p.add_argument("--fused-ce", choices=("auto", "true", "false"), default="auto",
                    help="our rows' loss, as trainer.fused_ce (auto: fused on CUDA)")
+    p.add_argument("--profile", nargs="+", choices=ROWS, default=[], help="rows to profile after timing them")
+    p.add_argument("--profile-out", default=".", help="folder of the profile-NAME.txt tables")
     args = p.parse_args(argv)
     batch, length = args.batch or (2 if args.tiny else 4), args.length or (64 if args.tiny else 2048)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +142,8 @@ def main(argv=None) -> int:
             flops = training_flops_per_token(counted, length)
             result["mfu"] = round(result["tokens_per_s"] * flops / peak, 4) if peak else None
             result["loss"] = kind
+            if name in args.profile:
+                profile_steps(model, kind, ids, device, f"{args.profile_out}/profile-{name}.txt")
         except Exception as err:  # one failing row (a missing kernel, out of memory) must not hide the others
             result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
         out["rows"][name] = result

@@ -35,6 +35,9 @@ DTYPES = {
     "fp64": torch.float64, "float64": torch.float64,
 }
 TRAINING_FACTOR = 3
+# Dense bf16 peak FLOP/s by device name (the SXM parts' datasheets): the denominator of MFU, which is null for a
+# device not listed here.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 _RECIPE_NAME = re.compile(r"[a-z][a-z0-9._-]*")  # layouts start with a symbol, a count or "("
 
 
@@ -338,3 +341,11 @@ def _budget(model: HybridLM, by: str, seq_len: int) -> int:
     if by == "flops":
         return sum(flops_breakdown(model, seq_len).values())
     return sum(_cache_bytes(model, 1, seq_len, torch.bfloat16))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s from PEAK_BF16 (its name contains the key), None off CUDA or unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)

@@ -132,3 +132,16 @@ def test_rerun_of_a_finished_run_still_reports_its_metrics(tmp_path):
     again = train(cfg)  # resumes at max_steps: no step runs, the metrics come from a validation pass
     assert again.resumed_from is not None and again.steps == 6
     assert again.metrics["val/accuracy"] == pytest.approx(first.metrics["val/accuracy"])
+
+
+def test_mfu_is_logged_from_the_share_aware_flop_count_where_the_peak_is_known(tmp_path, monkeypatch):
+    """On a GPU of known peak (here: CPU with a patched 1 TFLOP/s peak), perf/mfu = tokens/s x training FLOPs
+    per token (shared blocks at every invocation) / peak."""
+    from hybrids import accounting
+
+    monkeypatch.setattr(accounting, "peak_flops", lambda device: 1e12)
+    result = train(config(tmp_path, "trainer.max_steps=4", "trainer.val_every=100"))
+    rate, mfu = metric_rows(result.run_dir, "perf/tokens_per_s"), metric_rows(result.run_dir, "perf/mfu")
+    flops = accounting.stats("zamba-tiny", seq_len=32).flops_training
+    assert set(mfu) == set(rate) and len(mfu) >= 2
+    assert all(mfu[s] == pytest.approx(rate[s] * flops / 1e12, rel=1e-4) for s in mfu)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from hybrids import accounting
 from hybrids.model import HybridLM
 from hybrids.training.config import TrainConfig
 from hybrids.training.data import rank_slice
@@ -40,6 +41,7 @@ class LitHybrid(L.LightningModule):
         self.backbone = torch.compile(self.model) if config.trainer.compile else self.model
         self.stop_reason: str | None = None
         self._tick: tuple[float, int] | None = None
+        self._flops: tuple[int, float] | None = None  # (training FLOPs per token, device peak FLOP/s), on CUDA
 
     def train_dataloader(self):
         workers = data_workers(self.config.trainer.data_workers, self.device.type == "cuda")
@@ -97,14 +99,22 @@ class LitHybrid(L.LightningModule):
         self.log_dict({"lr": self.optimizers().param_groups[0]["lr"], "data/phase2_fraction":
                        self.schedule.phase2_fraction(step), "tokens": float((step + 1) * tokens)}, on_step=True,
                       batch_size=size)
-        self._log_speed(tokens)
+        self._log_speed(tokens, batch.input_ids.shape[1])
         return total
 
-    def _log_speed(self, tokens: int) -> None:
+    def _log_speed(self, tokens: int, seq_len: int) -> None:
+        """perf/tokens_per_s (global batch), perf/memory_gib (this process) and, on a GPU with a known peak,
+        perf/mfu: training FLOPs per token from the share-aware accounting (shared blocks counted per
+        invocation) x tokens/s over the peak bf16 FLOP/s of all ranks' devices."""
         now = time.perf_counter()
+        if self._flops is None and (peak := accounting.peak_flops(self.device)):
+            self._flops = (accounting.stats(self.config.model, seq_len=seq_len).flops_training, peak)
         if self._tick is not None and now > self._tick[0]:
-            self.log("perf/tokens_per_s", tokens * (self.global_step - self._tick[1]) / (now - self._tick[0]),
-                     on_step=True, prog_bar=True, batch_size=1)
+            rate = tokens * (self.global_step - self._tick[1]) / (now - self._tick[0])
+            self.log("perf/tokens_per_s", rate, on_step=True, prog_bar=True, batch_size=1)
+            if self._flops is not None:
+                self.log("perf/mfu", rate * self._flops[0] / (self._flops[1] * self.trainer.world_size),
+                         on_step=True, batch_size=1)
         self._tick = (now, self.global_step)
         if self.device.type == "cuda":
             memory = torch.cuda.max_memory_allocated() / 2**30
