@@ -177,21 +177,28 @@ def _eval(args) -> int:
 
 
 def _profile(args) -> int:
-    from hybrids import profile
+    from hybrids import profile, profile_output
 
     rows = profile.profile(args.models, args.seq_lens, args.batches, device=args.device, dtype=args.dtype,
                            decode_tokens=args.decode_tokens, repeats=args.repeats, match=args.match,
                            overrides=dict(args.set))
     out = Path(args.out)
-    csv_path = profile.write_csv(rows, out / "profile.csv")
-    figure = profile.bytes_figure(rows, out / "profile.png")
-    print(json.dumps({"csv": str(csv_path), "figure": str(figure), "rows": rows}, indent=1))
+    files = [profile_output.write_csv(rows, out / "profile.csv"),
+             profile_output.bytes_figure(rows, out / "profile.png"),
+             profile_output.latency_figure(rows, out / "profile-latency.png")]
+    record = {"csv": str(files[0]), "figure": str(files[1]), "latency_figure": str(files[2]), "rows": rows}
+    if args.tracking_uri:
+        params = {"models": " ".join(args.models), "seq_lens": " ".join(map(str, args.seq_lens)),
+                  "batches": " ".join(map(str, args.batches)), "device": args.device, "dtype": args.dtype,
+                  "match": args.match, "decode_tokens": args.decode_tokens, "repeats": args.repeats}
+        record["mlflow_run_id"] = profile_output.log_to_mlflow(rows, args.tracking_uri, files, params)
+    print(json.dumps(record, indent=1))
     return 0
 
 
 def _profile_parser(sub) -> None:
-    pr = sub.add_parser("profile", help="measured KV-cache + state bytes and prefill / decode latency vs the "
-                                        "accounting: hybrids profile llama-tiny mamba-tiny zamba-tiny")
+    pr = sub.add_parser("profile", help="measured KV-cache + state bytes, prefill / decode / training latency and "
+                                        "memory vs context length: hybrids profile llama-tiny mamba-tiny zamba-tiny")
     pr.add_argument("models", nargs="*", default=["llama-tiny", "mamba-tiny", "zamba-tiny", "zamba2-tiny"],
                     help="recipes, YAML files or layouts (default: a transformer, a pure Mamba and two Zamba-style "
                          "hybrids)")
@@ -206,7 +213,8 @@ def _profile_parser(sub) -> None:
                                                          "('none': keep each width)")
     pr.add_argument("--set", type=_assignment, action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field of every model, e.g. d_model=1024 (repeatable)")
-    pr.add_argument("--out", default="runs/profile", help="folder of profile.csv and profile.png")
+    pr.add_argument("--out", default="runs/profile", help="folder of profile.csv, profile.png, profile-latency.png")
+    pr.add_argument("--tracking-uri", help="log the rows and figures to MLflow there (e.g. sqlite:///runs/mlflow.db)")
     pr.set_defaults(run=_profile)
 
 

@@ -1,23 +1,23 @@
-"""`hybrids profile`: measured KV-cache + state bytes and prefill / decode latency against the accounting.
+"""`hybrids profile`: measured cache bytes, latency and memory against context length, beside the accounting.
 
-For each model, sequence length L and batch B: build the model (random weights, eval mode), allocate its
+For each model, sequence length L and batch B: build the model (random weights, weights in `dtype`), allocate its
 generation cache for L positions, prefill L - decode_tokens prompt tokens, then decode decode_tokens tokens one at
-a time. Measured bytes are the allocated cache tensors (`HybridCache.nbytes`); predicted bytes are
-`hybrids.accounting.stats(model, seq_len=L, batch=B, dtype)`; ratio = measured / predicted (1.0 when the
-accounting is exact). Latencies are wall-clock medians over `repeats` runs after one warm-up (CUDA synchronised).
-
-Writes <out>/profile.csv (one row per model, L, B; `COLUMNS`) and <out>/profile.png (cache bytes against L per
-model, at the smallest batch: flat for recurrent state, growing for KV caches), and returns the rows.
+a time; then time one training step (forward, cross-entropy, backward) on B x L tokens. Measured bytes are the
+allocated cache tensors (`HybridCache.nbytes`); predicted bytes are `hybrids.accounting.stats(model, seq_len=L,
+batch=B, dtype)`; ratio = measured / predicted (1.0 when the accounting is exact). Latencies are wall-clock
+medians over `repeats` runs after one warm-up (CUDA synchronised). On CUDA the peak allocated memory of prefill
+and of the training step is measured too (weights included; empty on CPU, which has no per-call peak); a
+training step that runs out of memory leaves its columns empty. `hybrids.profile_output` writes the CSV, the
+figures and the MLflow run.
 """
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from blocks import ConfigError
 from hybrids import accounting
@@ -25,7 +25,7 @@ from hybrids.model import HybridLM, build
 
 COLUMNS = ("model", "layout", "d_model", "params", "device", "dtype", "seq_len", "batch", "kv_bytes",
            "state_bytes", "measured_bytes", "predicted_bytes", "ratio", "prefill_ms", "decode_ms_per_token",
-           "decode_tokens_per_s")
+           "decode_tokens_per_s", "train_ms", "train_tokens_per_s", "prefill_peak_gib", "train_peak_gib")
 
 
 def widths_matched(sources: list[str], reference: str | None, overrides: dict) -> dict[str, int | None]:
@@ -53,9 +53,46 @@ def _median_ms(fn, repeats: int, device: torch.device, setup=lambda: None) -> fl
     return statistics.median(times)
 
 
+def _peak_gib(fn, device: torch.device) -> float | None:
+    """Peak allocated GiB while fn() runs, on CUDA (None elsewhere)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def train_point(model: HybridLM, ids: torch.Tensor, repeats: int) -> dict:
+    """ms, tokens/s and peak GiB of one training step (forward, cross-entropy, backward) on ids (B, L)."""
+    device = ids.device
+    model.train()
+
+    def step(_=None):
+        logits = model(ids)
+        F.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    try:
+        ms = _median_ms(step, repeats, device)
+        peak = _peak_gib(step, device)
+    except torch.OutOfMemoryError:
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+        return {"train_ms": None, "train_tokens_per_s": None, "train_peak_gib": None}
+    finally:
+        model.eval()
+    return {"train_ms": round(ms, 3), "train_tokens_per_s": round(1e3 * ids.numel() / ms, 1),
+            "train_peak_gib": peak}
+
+
 @torch.inference_mode()
-def profile_point(model: HybridLM, name: str, seq_len: int, batch: int, decode_tokens: int, repeats: int) -> dict:
-    """One row of `COLUMNS` for `model` at sequence length `seq_len` (cache capacity) and batch `batch`."""
+def inference_point(model: HybridLM, name: str, seq_len: int, batch: int, decode_tokens: int, repeats: int) -> dict:
+    """The cache and inference columns of `model` at sequence length `seq_len` (cache capacity) and batch `batch`."""
     if seq_len <= decode_tokens:
         raise ConfigError(f"seq_len must exceed decode_tokens = {decode_tokens} (the prompt is seq_len - "
                           f"decode_tokens tokens), got {seq_len}")
@@ -81,6 +118,7 @@ def profile_point(model: HybridLM, name: str, seq_len: int, batch: int, decode_t
 
     prefill_ms = _median_ms(lambda c: model(prompt, c), repeats, device, fresh)
     decode_ms = _median_ms(decode, repeats, device, filled) / decode_tokens
+    prefill_peak = _peak_gib(lambda: model(prompt, fresh()), device)
     predicted = s.kv_cache_bytes + s.state_bytes
     total = measured["kv"] + measured["state"]
     return {"model": name, "layout": s.layout, "d_model": s.d_model, "params": s.params_unique,
@@ -88,7 +126,17 @@ def profile_point(model: HybridLM, name: str, seq_len: int, batch: int, decode_t
             "kv_bytes": measured["kv"], "state_bytes": measured["state"], "measured_bytes": total,
             "predicted_bytes": predicted, "ratio": total / predicted if predicted else float("nan"),
             "prefill_ms": round(prefill_ms, 3), "decode_ms_per_token": round(decode_ms, 3),
-            "decode_tokens_per_s": round(1e3 * batch / decode_ms, 1) if decode_ms > 0 else float("inf")}
+            "decode_tokens_per_s": round(1e3 * batch / decode_ms, 1) if decode_ms > 0 else float("inf"),
+            "prefill_peak_gib": prefill_peak}
+
+
+def profile_point(model: HybridLM, name: str, seq_len: int, batch: int, decode_tokens: int, repeats: int) -> dict:
+    """One row of `COLUMNS`: `inference_point`, then `train_point` on B x L random tokens."""
+    row = inference_point(model, name, seq_len, batch, decode_tokens, repeats)
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(model.config.vocab_size, (batch, seq_len), generator=generator).to(model.embed.weight.device)
+    row.update(train_point(model, ids, repeats))
+    return {k: row[k] for k in COLUMNS}
 
 
 def profile(sources: list[str], seq_lens: list[int], batches: list[int], device: str = "cpu",
@@ -121,42 +169,3 @@ def profile(sources: list[str], seq_lens: list[int], batches: list[int], device:
         rows += [profile_point(model, source, L, B, decode_tokens, repeats) for L in seq_lens for B in batches]
         del model
     return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def bytes_figure(rows: list[dict], path: Path) -> Path:
-    """Measured cache bytes (log) against sequence length (log), one line per model at the smallest batch,
-    the accounting's prediction dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batch = min(r["batch"] for r in rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        part = sorted((r for r in rows if r["model"] == name and r["batch"] == batch), key=lambda r: r["seq_len"])
-        x = [r["seq_len"] for r in part]
-        line, = ax.plot(x, [max(r["measured_bytes"], 1) for r in part], "-o", markersize=4,
-                        label=f"{name} ({part[0]['layout']}, {part[0]['params']:,} params)")
-        ax.plot(x, [max(r["predicted_bytes"], 1) for r in part], "--", color=line.get_color(), alpha=0.6)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel(f"KV cache + state bytes (batch {batch}); dashed: predicted")
-    ax.set_title("Generation cache: flat for recurrent state, growing for KV caches", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -17,7 +17,9 @@ def test_measured_cache_bytes_equal_the_prediction(source, one_thread):
     assert [(r["seq_len"], r["batch"]) for r in rows] == [(8, 1), (8, 3), (16, 1), (16, 3)]
     for r in rows:
         assert r["measured_bytes"] == r["predicted_bytes"] > 0 and r["ratio"] == 1.0
-        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["train_ms"] > 0
+        assert r["train_tokens_per_s"] == pytest.approx(1e3 * r["batch"] * r["seq_len"] / r["train_ms"], rel=1e-3)
+        assert r["prefill_peak_gib"] is None and r["train_peak_gib"] is None  # measured on CUDA only
     by = {(r["seq_len"], r["batch"]): r for r in rows}
     assert by[(8, 3)]["measured_bytes"] == 3 * by[(8, 1)]["measured_bytes"]  # linear in the batch
     assert by[(16, 1)]["state_bytes"] == by[(8, 1)]["state_bytes"]  # recurrent state: flat in length
@@ -30,9 +32,19 @@ def test_zamba_tiny_kv_bytes_by_hand(one_thread):
     assert row["kv_bytes"] == 2 * 2 * 16 * 128 * 4 == 32_768
 
 
-def test_cli_writes_the_csv_figure_and_json(tmp_path, capsys, one_thread):
-    assert main(["profile", "mamba-tiny", "llama-tiny", *SMALL, "--out", str(tmp_path)]) == 0
+def test_cli_writes_the_csv_figures_json_and_an_mlflow_run(tmp_path, capsys, one_thread):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["profile", "mamba-tiny", "llama-tiny", *SMALL, "--out", str(tmp_path), "--tracking-uri", uri]) == 0
     printed = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "profile-latency.png").stat().st_size > 20_000
+    run = MlflowClient(tracking_uri=uri).get_run(printed["mlflow_run_id"])
+    assert run.data.params["models"] == "mamba-tiny llama-tiny" and run.data.params["seq_lens"] == "8 16"
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "llama-tiny.b2.train_ms")
+    assert sorted(m.step for m in history) == [8, 16] and all(m.value > 0 for m in history)
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run.info.run_id)}
+    assert artifacts == {"profile.csv", "profile.png", "profile-latency.png"}
     with open(tmp_path / "profile.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
