@@ -147,3 +147,19 @@ def test_config_precedence_defaults_recipe_overrides():
     assert config.d_model == 96 and config.blocks["mamba"] == {"d_state": 8, "n_heads": 2}
     assert config.norm_eps == ModelConfig(layout="M").norm_eps
     assert isinstance(HybridLM(load_config("6M:A*", d_model=16, vocab_size=8)), HybridLM)
+
+
+def test_the_model_traces_as_one_graph_and_backend_choice_breaks_none():
+    """torch.compile(fullgraph=True) fails at any graph break: the ops' backend choice (which imports the kernels'
+    packages on first use) must be a constant while tracing, also for CUDA devices."""
+    from blocks.ops import backend
+
+    model = build("(M2:M:A*)x2", d_model=32, vocab_size=64, **{"blocks.mamba2.headdim": 8})
+    ids = torch.randint(0, 64, (2, 16))
+    traced = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.allclose(traced(ids), model(ids), atol=1e-6)
+
+    def pick(x):
+        return x + 1 if backend.resolve("auto", torch.device("cuda")) in ("torch", "mamba_ssm") else x
+
+    assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(2)), torch.ones(2))

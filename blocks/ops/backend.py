@@ -28,6 +28,7 @@ def import_error(module: str) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def importable(module: str) -> bool:
     """Whether `module` imports (mamba_ssm fails without its compiled CUDA extension)."""
     return import_error(module) is None
@@ -63,6 +64,7 @@ def warn_no_boundaries(kernel: str) -> None:
                 "state flow across documents)", kernel)
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: no graph break per op
 def resolve(name: str, device: torch.device) -> str:
     """The backend that runs for tensors on `device`: "torch" or "mamba_ssm".
 

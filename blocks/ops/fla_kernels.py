@@ -68,6 +68,7 @@ def warn_fallback(reason: str) -> None:
                 "silence this)", reason)
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: no graph break
 def resolve(name: str, device: torch.device) -> str:
     """The backend that runs for tensors on `device`: "torch" or "fla".
 
