@@ -9,6 +9,7 @@ One row per model, each one training step (forward, cross-entropy, backward; no 
   ours_auto_ce     the same with the plain cross-entropy on float logits
   ours_torch       backend torch (the PyTorch ops)
   ours_compile     ours_auto with torch.compile(model); first_step_s is the compile time
+  ours_graphs      ours_auto with torch.compile(model, mode="reduce-overhead"): the step replayed as CUDA graphs
   hf_llama         transformers' LlamaForCausalLM 187M, SDPA
   ours_llama       the llama recipe at the same size, fused cross-entropy (--fused-ce)
 Prints JSON: per row tokens/s (median step), first_step_s, peak GiB (torch.cuda.max_memory_allocated; null on CPU),
@@ -36,7 +37,8 @@ from reference_models import hf_model, our_model, peak_flops, training_flops_per
 
 from hybrids.training.loss import fused_linear_cross_entropy
 
-ROWS = ("hf_zamba2", "ours_auto", "ours_auto_ce", "ours_torch", "ours_compile", "hf_llama", "ours_llama")
+ROWS = ("hf_zamba2", "ours_auto", "ours_auto_ce", "ours_torch", "ours_compile", "ours_graphs", "hf_llama",
+        "ours_llama")
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +110,8 @@ def row_model(name: str, tiny: bool, zamba2_source, device: torch.device, fused_
         return model, fused, model
     backend = "torch" if name == "ours_torch" else "auto"
     model = our_model("zamba2", tiny, zamba2_source, backend=backend).to(device)
-    runner = torch.compile(model) if name == "ours_compile" else model  # runner.lm_head is model.lm_head
+    modes = {"ours_compile": "default", "ours_graphs": "reduce-overhead"}
+    runner = torch.compile(model, mode=modes[name]) if name in modes else model  # runner.lm_head is model.lm_head
     return runner, "plain" if name == "ours_auto_ce" else fused, model
 
 

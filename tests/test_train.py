@@ -145,3 +145,21 @@ def test_mfu_is_logged_from_the_share_aware_flop_count_where_the_peak_is_known(t
     flops = accounting.stats("zamba-tiny", seq_len=32).flops_training
     assert set(mfu) == set(rate) and len(mfu) >= 2
     assert all(mfu[s] == pytest.approx(rate[s] * flops / 1e12, rel=1e-4) for s in mfu)
+
+
+def test_compile_mode_reaches_torch_compile_and_is_no_part_of_a_run(monkeypatch):
+    """trainer.compile_mode (reduce-overhead: CUDA graphs) goes to torch.compile; like fused_ce it changes speed,
+    not results, so a run's name (and a study's fingerprint) ignores it."""
+    from hybrids.training.config import run_name, scored, to_dict
+    from hybrids.training.run import prepare
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    common = ["model=zamba2-tiny", "task=mqar", "tracking.enabled=false", "trainer.compile=true"]
+    graphs = compose([*common, "trainer.compile_mode=reduce-overhead"])
+    prepare(graphs)
+    assert seen == {"mode": "reduce-overhead"}
+    plain = compose(common)
+    assert run_name(graphs) == run_name(plain) and scored(to_dict(graphs)) == scored(to_dict(plain))
+    with pytest.raises(Exception, match="trainer.compile_mode must be one of default, reduce-overhead"):
+        compose([*common, "trainer.compile_mode=fastest"])

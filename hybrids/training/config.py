@@ -22,6 +22,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # what Lightning's Trainer accepts on one device
 STRATEGIES = ("auto", "ddp", "fsdp")  # Lightning's names: auto = one device, else DDP
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def _number(value) -> bool:
@@ -61,6 +62,9 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1  # machines; torchrun or SLURM starts the processes (Lightning's environments)
     compile: bool = False  # torch.compile the model backbone (not the LightningModule)
+    # torch.compile's mode when compile: default, reduce-overhead (CUDA graphs: for launch-bound steps),
+    # max-autotune, max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     fused_ce: bool | str = "auto"  # fused linear cross-entropy in training steps (no (B, L, V) logits); auto: on CUDA
     data_workers: Any = "auto"  # processes that build training batches ahead of the loop; auto: 2 on CUDA, 0 on CPU
     seed: int = 0
@@ -73,6 +77,9 @@ class TrainerConfig:
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, "
                               f"got {self.accelerator!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                              f"got {self.compile_mode!r}")
         if self.fused_ce not in (True, False, "auto"):
             raise ConfigError(f"trainer.fused_ce must be auto, true or false, got {self.fused_ce!r}")
         workers = self.data_workers
@@ -180,7 +187,7 @@ DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change 
 # where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
 PLACEMENT = ("devices", "strategy", "num_nodes")
 # trainer keys that change how a step is computed (equal within rounding), not what
-SPEED_ONLY = ("fused_ce", "data_workers")
+SPEED_ONLY = ("fused_ce", "data_workers", "compile_mode")
 UNSCORED = DISPLAY_ONLY + PLACEMENT + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 

@@ -38,7 +38,8 @@ class LitHybrid(L.LightningModule):
         super().__init__()
         self.config, self.task, self.schedule = config, task, schedule
         self.model = HybridLM(config.model)
-        self.backbone = torch.compile(self.model) if config.trainer.compile else self.model
+        compile_mode = config.trainer.compile_mode
+        self.backbone = torch.compile(self.model, mode=compile_mode) if config.trainer.compile else self.model
         self.stop_reason: str | None = None
         self._tick: tuple[float, int] | None = None
         self._flops: tuple[int, float] | None = None  # (training FLOPs per token, device peak FLOP/s), on CUDA
