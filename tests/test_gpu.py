@@ -112,3 +112,27 @@ def test_fused_norms_equal_the_torch_path(dtype, kind):
             return (norm.gated_rms_norm(x, gate, weight, 1e-5, group, kind == "norm_first", backend),)
         inputs = [x, weight] + ([z] if gate is not None else [])
     compare(f"norm {kind}", dtype, run("torch"), run("mamba_ssm"), inputs, grad_outputs=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("documents", [False, True], ids=["one-doc", "docs"])
+@pytest.mark.parametrize("bias,activation", [(True, "silu"), (False, None)])
+def test_triton_conv_equals_the_torch_path(dtype, documents, bias, activation):
+    """Our Triton causal conv (used where causal-conv1d is not installed) against the PyTorch path: output and the
+    gradients of x, weight and bias, on channels-last input as the mixers hold it, with document starts."""
+    from blocks.ops import conv_triton
+    from blocks.ops.conv import causal_conv1d_torch
+    from blocks.ops.documents import positions
+
+    x = torch.randn(2, 1000, 320, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()  # (B, D, L) view
+    w = torch.randn(320, 4, device="cuda", requires_grad=True)
+    b = torch.randn(320, device="cuda", requires_grad=True) if bias else None
+    doc = None
+    if documents:
+        doc = torch.zeros(2, 1000, dtype=torch.long, device="cuda")
+        doc[:, 300:], doc[1, 301:] = 1, 2
+    inputs = [x, w] + ([b] if bias else [])
+    ref = causal_conv1d_torch(x.float(), w, b, activation, doc).to(dtype)  # fp32 reference
+    got = conv_triton.causal_conv1d(x, w, b, activation, positions(doc) if documents else None)
+    assert got.dtype == dtype and got.transpose(1, 2).is_contiguous()
+    compare(f"triton conv {activation} docs={documents}", dtype, (ref,), (got,), inputs, grad_outputs=1)

@@ -5,7 +5,8 @@ calls are torch.library custom ops ("hybrids::..."): each has a fake (shapes and
 autograd formula that calls the kernels' own backward, so torch.compile traces around them instead of breaking its
 graph at every layer. An op's outputs are contiguous, and each gradient has its input's dtype, as the fakes say.
 Importing this module imports no kernel: `blocks.ops` imports it only for CUDA tensors with mamba_ssm present.
-causal-conv1d's functions are called as they are (an autograd Function of its own; torch.compile breaks there).
+causal-conv1d's functions are called as they are (an autograd Function of its own; torch.compile breaks there);
+without causal-conv1d the conv of channels-last input is ours in Triton (`blocks.ops.conv_triton`, custom ops).
 Document ids (`blocks.ops.documents`) reach the kernels that take them as `seq_idx` (B, L) int32, one label per
 document: the SSD's forward and backward and causal-conv1d's forward.
 """
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from blocks.ops.backend import importable
 from blocks.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
-from blocks.ops.documents import segments
+from blocks.ops.documents import positions, segments
 
 SCAN_CHUNK = 2048  # selective_scan_cuda keeps one state per 2048 positions for its backward
 
@@ -236,8 +237,14 @@ def ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 
 
 def causal_conv1d(x, weight, bias, activation, doc_ids=None):
+    """causal-conv1d's kernel when installed, else ours in Triton (`conv_triton`) for channels-last x."""
     if not importable("causal_conv1d"):
-        return causal_conv1d_torch(x, weight, bias, activation, doc_ids)
+        if x.stride(1) != 1:
+            return causal_conv1d_torch(x, weight, bias, activation, doc_ids)
+        from blocks.ops import conv_triton
+
+        return conv_triton.causal_conv1d(x, weight, bias, activation, positions(doc_ids) if doc_ids is not None
+                                         else None)
     from causal_conv1d import causal_conv1d_fn
 
     if doc_ids is not None and x.stride(1) != 1:  # the kernel reads seq_idx with channel-last x only
