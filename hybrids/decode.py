@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from blocks import Block, ConfigError
+from blocks.base import KVCache
 
 if TYPE_CHECKING:
     from hybrids.model import HybridLM
@@ -48,8 +49,9 @@ class StaticDecoder:
     Its input (the token), its position (a 0-dim int64 tensor that the step itself advances) and its output
     (the logits) live in buffers that never move, which is what a CUDA graph needs. With `cuda_graph` the step is
     captured at the first step after prefill, so the first token (the prefill's) never waits for it: two warm-up
-    steps let Triton and cuBLAS settle, the capture records a third, and the cache and position are then put back
-    as prefill left them.
+    steps let Triton and cuBLAS settle, the capture records a third, and the recurrent states and position are then
+    put back as prefill left them (KV caches need not be: a step writes its own position before it reads it, so the
+    slots the warm-up wrote past the prompt are written again before anything reads them).
     """
 
     def __init__(self, model: HybridLM, batch: int, max_seqlen: int, cuda_graph: bool = False):
@@ -67,7 +69,7 @@ class StaticDecoder:
         return logits
 
     def _capture(self) -> None:
-        saved = [t.clone() for t in cache_tensors(self.cache)] + [self.position.clone()]
+        saved = [t.clone() for t in state_tensors(self.cache)] + [self.position.clone()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -77,7 +79,7 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
-        for t, s in zip([*cache_tensors(self.cache), self.position], saved, strict=True):
+        for t, s in zip([*state_tensors(self.cache), self.position], saved, strict=True):
             t.copy_(s)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,14 +100,14 @@ class StaticDecoder:
         return self.logits
 
 
-def cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor of a (nested) cache."""
+def state_tensors(cache) -> list[torch.Tensor]:
+    """The tensors of a (nested) cache that a step overwrites whatever its position: all but the KV caches'."""
     if isinstance(cache, torch.Tensor):
         return [cache]
     if isinstance(cache, (list, tuple)):
-        return [t for item in cache for t in cache_tensors(item)]
-    if dataclasses.is_dataclass(cache):
-        return [t for f in dataclasses.fields(cache) for t in cache_tensors(getattr(cache, f.name))]
+        return [t for item in cache for t in state_tensors(item)]
+    if dataclasses.is_dataclass(cache) and not isinstance(cache, KVCache):
+        return [t for f in dataclasses.fields(cache) for t in state_tensors(getattr(cache, f.name))]
     return []
 
 

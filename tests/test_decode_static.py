@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blocks import ConfigError
-from hybrids.decode import StaticDecoder, cache_tensors, make_decoder, not_static
+from hybrids.decode import StaticDecoder, make_decoder, not_static, state_tensors
 from hybrids.model import build
 from tests.inputs import max_rel
 from tests.test_model import SMALL
@@ -68,17 +68,18 @@ def test_auto_decoding_is_dynamic_on_cpu_and_layouts_without_a_static_step_are_n
 
 
 def test_steps_after_prefill_leave_no_trace_once_cache_and_position_are_put_back(one_thread):
-    """What a CUDA-graph capture does at the first step (save, warm-up steps, put back), on CPU."""
+    """What a CUDA-graph capture does at the first step (save the recurrent states, warm-up steps, put them back;
+    KV caches are left as the warm-up wrote them), on CPU."""
     model = build("zamba2-tiny").double().eval()
     ids = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         full = model(ids)
         decoder = StaticDecoder(model, 1, 9)
         outs = [decoder.prefill(ids[:, :5])]
-        saved = [t.clone() for t in [*cache_tensors(decoder.cache), decoder.position]]
+        saved = [t.clone() for t in [*state_tensors(decoder.cache), decoder.position]]
         for t in range(3):
             decoder.step(torch.tensor([t + 7]))
-        for t, s in zip([*cache_tensors(decoder.cache), decoder.position], saved, strict=True):
+        for t, s in zip([*state_tensors(decoder.cache), decoder.position], saved, strict=True):
             t.copy_(s)
         outs += [decoder.step(ids[:, t]) for t in range(5, 8)]
     assert max_rel(torch.stack(outs, 1), full[:, 4:8]) < 1e-10
