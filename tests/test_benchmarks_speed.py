@@ -33,3 +33,10 @@ def test_decode_rows_on_cpu(monkeypatch, capsys, one_thread):
     assert sorted(out["rows"]) == ["ours_llama/dynamic", "ours_llama/static"]
     for row in out["rows"].values():
         assert row["8"]["ttft_s"] > 0 and set(row["8"]) == {"ttft_s", "tokens_per_s"}
+
+
+def test_order_sensitivity_on_cpu_fp32_reorderings_agree(monkeypatch, capsys, one_thread):
+    out = run(monkeypatch, capsys, "order_sensitivity", ["--tiny", "--steps", "4", "--length", "16"])
+    assert set(out) >= {"fp32_whole", "fp32_rotated-1", "bf16_whole", "bf16_rotated-2", "bf16_halves"}
+    assert out["fp32_whole"]["max_abs_loss_diff"] == 0 and out["bf16_whole"]["max_abs_loss_diff"] == 0
+    assert out["fp32_rotated-1"]["max_abs_loss_diff"] < 1e-5  # the same mean loss up to fp32 rounding
