@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from blocks.base import Block, BlockConfig, KVCache, SlidingKVCache, check, linear_flops, project
+from blocks.ops.backend import importable
 from blocks.ops.documents import positions, segments
 from blocks.ops.window import sliding_window_attention
 from blocks.registry import register
@@ -71,8 +72,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh), cos / sin: (T, R) with R <= Dh; rotates pairs (i, i + R/2) of the first R channels, as
-    HF's rotate_half does, and passes the other Dh - R channels through (partial rotary)."""
+    """x: (B, H, T, Dh), cos / sin: (T, R) or (B, 1, T, R) with R <= Dh; rotates pairs (i, i + R/2) of the first R
+    channels, as HF's rotate_half does, and passes the other Dh - R channels through (partial rotary). Computed in
+    fp32; on CUDA by one Triton kernel each way (`blocks.ops.rope_triton`), except under torch.compile."""
+    if x.is_cuda and not torch.compiler.is_compiling() and importable("triton"):
+        from blocks.ops.rope_triton import rope
+
+        return rope(x, cos, sin, False)
     rot, rest = x.float().split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)

@@ -136,3 +136,25 @@ def test_triton_conv_equals_the_torch_path(dtype, documents, bias, activation):
     got = conv_triton.causal_conv1d(x, w, b, activation, positions(doc) if documents else None)
     assert got.dtype == dtype and got.transpose(1, 2).is_contiguous()
     compare(f"triton conv {activation} docs={documents}", dtype, (ref,), (got,), inputs, grad_outputs=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope_dim,per_row", [(64, False), (32, True)], ids=["full", "partial-per-row"])
+def test_triton_rope_equals_the_torch_path(dtype, rope_dim, per_row):
+    """apply_rope's Triton kernel (on CUDA) against its PyTorch path (run on CPU copies): output and gradient, on q
+    laid out as the attention block holds it, full and partial rotary, one table or one per row (documents)."""
+    from blocks.attention import apply_rope, rope_cos_sin
+    from blocks.ops import rope_triton
+
+    x = torch.randn(2, 300, 8 * 64, device="cuda", dtype=dtype).view(2, 300, 8, 64).transpose(1, 2).requires_grad_()
+    pos = torch.randint(0, 4096, (2, 1, 300), device="cuda") if per_row else torch.arange(100, 400, device="cuda")
+    cos, sin = rope_cos_sin(pos, rope_dim, 10000.0)
+    x_cpu = x.detach().cpu().requires_grad_()
+    ref, got = apply_rope(x_cpu, cos.cpu(), sin.cpu()), apply_rope(x, cos, sin)
+    assert torch.equal(got, rope_triton.rope(x, cos, sin, False))  # apply_rope takes the kernel on CUDA
+    dy = torch.randn(ref.shape).to(dtype)
+    (g_ref,), (g_got,) = torch.autograd.grad(ref, x_cpu, dy), torch.autograd.grad(got, x, dy.cuda())
+    errors = {"out": max_rel(got.float().cpu(), ref.float()), "grad": max_rel(g_got.float().cpu(), g_ref.float())}
+    report(f"rope {rope_dim} per_row={per_row}", dtype, errors)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # both in fp32, rounded once to dtype (bf16: a flip at most)
+    assert errors["out"] < tol and errors["grad"] < tol, errors
