@@ -19,6 +19,15 @@ BLOCK_L, BLOCK_D = 64, 64
 
 
 @triton.jit
+def _tile(L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's row, time and channel indices and their masks."""
+    bi, lt, dt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = lt * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = dt * BLOCK_D + tl.arange(0, BLOCK_D)
+    return bi, t, d, t < L, d < D
+
+
+@triton.jit
 def _pre_activation(x_ptr, w_ptr, b_ptr, pos_ptr, bi, t, d, tmask, dmask, sxb, sxl, sxd, spb, spl,
                     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_L: tl.constexpr,
                     BLOCK_D: tl.constexpr):
@@ -44,10 +53,7 @@ def _pre_activation(x_ptr, w_ptr, b_ptr, pos_ptr, bi, t, d, tmask, dmask, sxb, s
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, pos_ptr, y_ptr, L, D, sxb, sxl, sxd, spb, spl,
                 K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SILU: tl.constexpr,
                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    bi, lt, dt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = lt * BLOCK_L + tl.arange(0, BLOCK_L)
-    d = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    tmask, dmask = t < L, d < D
+    bi, t, d, tmask, dmask = _tile(L, D, BLOCK_L, BLOCK_D)
     acc = _pre_activation(x_ptr, w_ptr, b_ptr, pos_ptr, bi, t, d, tmask, dmask, sxb, sxl, sxd, spb, spl,
                           K, HAS_BIAS, HAS_POS, BLOCK_L, BLOCK_D)
     if SILU:
@@ -61,10 +67,7 @@ def _grad_pre_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, pos_ptr, g_ptr, L, D, sxb, sxl
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SILU: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """g = dL/d(pre-activation), fp32, (B, L, D) contiguous."""
-    bi, lt, dt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = lt * BLOCK_L + tl.arange(0, BLOCK_L)
-    d = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    tmask, dmask = t < L, d < D
+    bi, t, d, tmask, dmask = _tile(L, D, BLOCK_L, BLOCK_D)
     mask = tmask[:, None] & dmask[None, :]
     g = tl.load(dy_ptr + bi * syb + t[:, None] * syl + d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
     if SILU:
@@ -79,11 +82,8 @@ def _grad_pre_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, pos_ptr, g_ptr, L, D, sxb, sxl
 def _grad_inputs_kernel(g_ptr, x_ptr, w_ptr, pos_ptr, dx_ptr, dw_ptr, db_ptr, L, D, sxb, sxl, sxd, spb, spl,
                         K: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """dx (B, L, D) contiguous; per tile, partial sums of dw (K, D) and db (D,) into row bi * n_tiles + lt."""
-    bi, lt, dt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    part = bi * tl.num_programs(1) + lt
-    t = lt * BLOCK_L + tl.arange(0, BLOCK_L)
-    d = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    tmask, dmask = t < L, d < D
+    bi, t, d, tmask, dmask = _tile(L, D, BLOCK_L, BLOCK_D)
+    part = bi * tl.num_programs(1) + tl.program_id(1)
     g_rows = g_ptr + bi * L * D + d[None, :]
     g = tl.load(g_rows + t[:, None] * D, mask=tmask[:, None] & dmask[None, :], other=0.0)
     tl.store(db_ptr + part * D + d, tl.sum(g, axis=0), mask=dmask)
