@@ -73,15 +73,13 @@ def train_point(model: HybridLM, ids: torch.Tensor, repeats: int) -> dict:
     def step(_=None):
         logits = model(ids)
         F.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
 
     try:
         ms = _median_ms(step, repeats, device)
         peak = _peak_gib(step, device)
     except torch.OutOfMemoryError:
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return {"train_ms": None, "train_tokens_per_s": None, "train_peak_gib": None}
     finally:
