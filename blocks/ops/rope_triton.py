@@ -44,11 +44,10 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, T, sxb, sxh, sxt, sxd, scb, 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     B, H, T, DH = x.shape
     R = cos.shape[-1]
-    cos, sin = (t.expand(B, 1, T, R) if t.dim() == 4 else t.expand(1, 1, T, R) for t in (cos, sin))
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    cos, sin = (t.reshape(-1, T, R).float().contiguous() for t in (cos, sin))  # (1 or B, T, R)
     y = torch.empty((B, H, T, DH), device=x.device, dtype=x.dtype)
-    scb = cos.stride(0) if cos.shape[0] == B and B > 1 else 0
-    _rope_kernel[(B * H, triton.cdiv(T, BLOCK_T))](x, cos, sin, y, H, T, *x.stride(), scb, cos.stride(2), sign,
+    scb = T * R if cos.shape[0] > 1 else 0  # one table per row, or one for all
+    _rope_kernel[(B * H, triton.cdiv(T, BLOCK_T))](x, cos, sin, y, H, T, *x.stride(), scb, R, sign,
                                                    DH=DH, R=R, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(DH))
     return y
 
