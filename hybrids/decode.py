@@ -49,9 +49,10 @@ class StaticDecoder:
     Its input (the token), its position (a 0-dim int64 tensor that the step itself advances) and its output
     (the logits) live in buffers that never move, which is what a CUDA graph needs. With `cuda_graph` the step is
     captured at the first step after prefill, so the first token (the prefill's) never waits for it: two warm-up
-    steps let Triton and cuBLAS settle, the capture records a third, and the recurrent states and position are then
-    put back as prefill left them (KV caches need not be: a step writes its own position before it reads it, so the
-    slots the warm-up wrote past the prompt are written again before anything reads them).
+    steps at the current position let Triton and cuBLAS settle, the capture records a third (capturing runs
+    nothing), and the recurrent states and position are then put back as prefill left them (KV caches need not be:
+    a step writes its own position before it reads it, so the slot the warm-up wrote is written again before
+    anything reads it).
     """
 
     def __init__(self, model: HybridLM, batch: int, max_seqlen: int, cuda_graph: bool = False):
@@ -73,8 +74,9 @@ class StaticDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for _ in range(2):  # each at the current position: a cache sized for the prompt + n tokens has no more
                 self._step()
+                self.position.copy_(saved[-1])
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

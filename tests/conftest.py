@@ -35,7 +35,8 @@ def _seed_and_poison(monkeypatch):
             kwargs["device"] = device
         t = real_empty(*args, **kwargs)
         if t.is_floating_point() and t.device.type != "meta":
-            t.fill_(math.nan)
+            with torch.no_grad():  # a leaf made with requires_grad=True (checkpoint's dummy) takes no in-place op
+                t.fill_(math.nan)
         return t
 
     monkeypatch.setattr(torch, "empty", empty)

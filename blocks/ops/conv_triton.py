@@ -155,8 +155,8 @@ def conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, pos: 
     db = torch.empty((parts, D), device=x.device, dtype=torch.float32)
     _grad_inputs_kernel[grid](g, x, w, pos_ptr, dx, dw, db, L, D, *x.stride(), spb, spl, K=K,
                               HAS_POS=pos is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
-    dbias = db.sum(0).to(bias.dtype) if bias is not None else db.new_zeros(D)
-    return dx, dw.sum(0).t().to(weight.dtype), dbias
+    # contiguous, in the inputs' dtypes, as the fake below says (torch.compile checks the strides)
+    return dx, dw.sum(0).t().contiguous().to(weight.dtype), db.sum(0).to((bias if bias is not None else weight).dtype)
 
 
 @conv1d_bwd.register_fake
