@@ -60,11 +60,11 @@ def _speed(rows: list[dict], skip: int = 5) -> float:
 
 
 def _run(args, model: list[str]) -> list[str]:
-    """The training overrides of a ddp or fsdp check: LM data, the global batch, no validation or checkpoints on the
-    way, then --set."""
+    """The training overrides of a ddp or fsdp check: LM data, the global batch, one validation (at the last step)
+    and no checkpoints on the way, then --set."""
     return [*model, *LM, f"task.seq_len={args.length}", f"trainer.batch_size={args.batch}",
             f"trainer.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 5}",
-            "trainer.val_every=1000000", "trainer.ckpt_every=1000000", "trainer.val_batches=1",
+            f"trainer.val_every={args.steps}", "trainer.ckpt_every=1000000", "trainer.val_batches=1",
             "data.reset_at_boundaries=true", *(["trainer.accelerator=cpu"] if args.tiny else []), *args.set]
 
 

@@ -45,6 +45,12 @@ def test_bad_train_values_name_the_full_key(override, message, capsys):
     assert one_line(capsys) == f"hybrids: error: {message}"
 
 
+def test_fsdp_needs_the_last_validation_inside_training(capsys):
+    assert main(["train", "trainer.strategy=fsdp", "trainer.max_steps=30", "trainer.val_every=20", "--cfg", "job"]) == 2
+    assert one_line(capsys) == ("hybrids: error: trainer.strategy=fsdp needs trainer.val_every (20) to divide "
+                                "trainer.max_steps (30): the final validation runs inside training")
+
+
 def test_schedule_errors_found_at_run_time_name_the_full_key(tmp_path, capsys):
     code = main(["train", f"run.dir={tmp_path}", "tracking.enabled=false", "trainer.max_steps=5",
                  "schedule.warmup_steps=9"])

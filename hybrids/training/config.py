@@ -91,6 +91,11 @@ class TrainerConfig:
                     "num_nodes"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.strategy == "fsdp" and self.max_steps % self.val_every:
+            # After fit, Lightning's validate() calls the module without gathering FSDP's root unit (the
+            # embedding stays a flat shard): the last validation has to run inside training.
+            raise ConfigError(f"trainer.strategy=fsdp needs trainer.val_every ({self.val_every}) to divide "
+                              f"trainer.max_steps ({self.max_steps}): the final validation runs inside training")
         if self.batch_size % (self.devices * self.num_nodes):
             raise ConfigError(f"trainer.batch_size = {self.batch_size} (the global batch) must be a multiple of "
                               f"trainer.devices x trainer.num_nodes = {self.devices * self.num_nodes}")

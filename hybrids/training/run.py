@@ -163,8 +163,12 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
         trainer.fit(module, ckpt_path=resumed_from)
         if module.stop_reason is None and not any(k.startswith("val/") for k in trainer.callback_metrics):
-            # resumed at max_steps (killed after its last checkpoint): nothing ran, so score the weights now
-            trainer.validate(module, verbose=False)
+            # resumed at max_steps (killed after its last checkpoint): nothing ran, so score the weights now;
+            # not under FSDP, where validate() would meet the root unit's flat shard (its logs have the last scores)
+            if config.trainer.strategy == "fsdp":
+                log.warning("resumed at max_steps under FSDP: not validated again (see the run's logged val/ metrics)")
+            else:
+                trainer.validate(module, verbose=False)
     if module.stop_reason:
         record_stop(run_dir, module.stop_reason, mlflow)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
