@@ -4,8 +4,8 @@
 
 Rows: ours_zamba2 (from_hf of the 170M Zamba2) and ours_llama (the llama recipe) once per decoding in --decodings
 (default cuda_graph and dynamic on CUDA, static and dynamic on CPU; see hybrids.decode), hf_zamba2 and hf_llama
-(`generate(do_sample=False)`). Per prompt length: ttft_s, the seconds of a one-token generate (prefill and first
-token: a CUDA graph is captured at the second token); tokens_per_s, the further new tokens per second of an n-token
+(`generate(do_sample=False)`). Per prompt length: ttft_s, the seconds of a one-token generate (the prefill alone:
+a CUDA graph is captured at the first step after it); tokens_per_s, the further new tokens per second of an n-token
 generate: (n - 1) / (t_n - t_1), each t the fastest of --repeats runs (so it pays for the capture).
 bf16 weights on CUDA, fp32 on CPU; random weights and prompts (nothing is downloaded).
 Prints JSON; a row that raises records its error instead.

@@ -237,14 +237,14 @@ class HybridLM(nn.Module):
         decoder = make_decoder(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, decoding)
         logits = decoder.prefill(input_ids)
         out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_token_id), token)
                 done |= token == eos_token_id
             out.append(token[:, None])
-            if eos_token_id is not None and bool(done.all()):
-                break
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break  # no step for logits nobody reads (a one-token generate is the prefill alone)
             logits = decoder.step(token)
         return torch.cat(out, dim=1)
 
