@@ -12,6 +12,7 @@ One row per model, each one training step (forward, cross-entropy, backward; no 
   ours_graphs      ours_auto with torch.compile(model, mode="reduce-overhead"): the step replayed as CUDA graphs
   hf_llama         transformers' LlamaForCausalLM 187M, SDPA
   ours_llama       the llama recipe at the same size, fused cross-entropy (--fused-ce)
+  ours_llama_graphs  ours_llama with torch.compile(model, mode="reduce-overhead"), beside ours_graphs
 Prints JSON: per row tokens/s (median step), first_step_s, peak GiB (torch.cuda.max_memory_allocated; null on CPU),
 MFU (training FLOPs per token from hybrids.accounting, shared blocks counted per invocation, x tokens/s / the
 device's peak bf16 FLOP/s; null where the peak is unknown, see hybrids.accounting.PEAK_BF16), or the error that row
@@ -38,7 +39,7 @@ from reference_models import hf_model, our_model, peak_flops, training_flops_per
 from hybrids.training.loss import fused_linear_cross_entropy
 
 ROWS = ("hf_zamba2", "ours_auto", "ours_auto_ce", "ours_torch", "ours_compile", "ours_graphs", "hf_llama",
-        "ours_llama")
+        "ours_llama", "ours_llama_graphs")
 
 
 def _sync(device: torch.device) -> None:
@@ -105,9 +106,9 @@ def row_model(name: str, tiny: bool, zamba2_source, device: torch.device, fused_
         return copy.deepcopy(zamba2_source).to(device), "hf", our_model("zamba2", tiny, zamba2_source)
     if name == "hf_llama":
         return hf_model("llama", tiny).to(device), "hf", our_model("llama", tiny)
-    if name == "ours_llama":
+    if name in ("ours_llama", "ours_llama_graphs"):
         model = our_model("llama", tiny).to(device)
-        return model, fused, model
+        return torch.compile(model, mode="reduce-overhead") if name.endswith("graphs") else model, fused, model
     backend = "torch" if name == "ours_torch" else "auto"
     model = our_model("zamba2", tiny, zamba2_source, backend=backend).to(device)
     modes = {"ours_compile": "default", "ours_graphs": "reduce-overhead"}
