@@ -106,12 +106,11 @@ def row_model(name: str, tiny: bool, zamba2_source, device: torch.device, fused_
         return copy.deepcopy(zamba2_source).to(device), "hf", our_model("zamba2", tiny, zamba2_source)
     if name == "hf_llama":
         return hf_model("llama", tiny).to(device), "hf", our_model("llama", tiny)
-    if name in ("ours_llama", "ours_llama_graphs"):
+    if name.startswith("ours_llama"):
         model = our_model("llama", tiny).to(device)
-        return torch.compile(model, mode="reduce-overhead") if name.endswith("graphs") else model, fused, model
-    backend = "torch" if name == "ours_torch" else "auto"
-    model = our_model("zamba2", tiny, zamba2_source, backend=backend).to(device)
-    modes = {"ours_compile": "default", "ours_graphs": "reduce-overhead"}
+    else:
+        model = our_model("zamba2", tiny, zamba2_source, backend="torch" if name == "ours_torch" else "auto").to(device)
+    modes = {"ours_compile": "default", "ours_graphs": "reduce-overhead", "ours_llama_graphs": "reduce-overhead"}
     runner = torch.compile(model, mode=modes[name]) if name in modes else model  # runner.lm_head is model.lm_head
     return runner, "plain" if name == "ours_auto_ce" else fused, model
 
