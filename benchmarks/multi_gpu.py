@@ -41,10 +41,12 @@ def _train(overrides: list[str], run_dir: Path, name: str) -> tuple[list[dict], 
     cmd = [sys.executable, "-m", "hybrids.cli", "train", *overrides, f"run.dir={run_dir}", f"run.name={name}",
            "tracking.enabled=false", "trainer.progress_bar=false", "trainer.log_every=1"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # the run's own output goes to our stderr as it comes (stdout stays this script's JSON), so that a run stopped
+    # by a time limit still leaves its progress behind
+    done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     wall = time.perf_counter() - start
     if done.returncode:
-        raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed (exit {done.returncode}); its output is above")
     (metrics,) = (run_dir / name / "csv").glob("version_*/metrics.csv")
     with open(metrics) as f:
         return list(csv.DictReader(f)), wall

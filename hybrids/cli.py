@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import shlex
 import sys
@@ -179,6 +180,8 @@ def _eval(args) -> int:
 def _profile(args) -> int:
     from hybrids import profile, profile_output
 
+    if args.tracking_uri and importlib.util.find_spec("mlflow") is None:  # say so before minutes of measuring
+        raise blocks.ConfigError("--tracking-uri needs MLflow, which is not installed (pip install mlflow)")
     rows = profile.profile(args.models, args.seq_lens, args.batches, device=args.device, dtype=args.dtype,
                            decode_tokens=args.decode_tokens, repeats=args.repeats, match=args.match,
                            overrides=dict(args.set))

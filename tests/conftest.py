@@ -1,5 +1,8 @@
+import importlib
+import importlib.util
 import math
 import os
+import pkgutil
 import uuid
 
 import pytest
@@ -40,6 +43,36 @@ def _seed_and_poison(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+def _tile_volume(config) -> int:
+    return math.prod(v for k, v in config.kwargs.items() if k.startswith("BLOCK")) * config.num_stages
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_config_per_mamba_ssm_kernel():
+    """GPU tests check numbers, not speed: each of mamba-ssm's autotuned Triton kernels keeps only its smallest config
+    (tiles x stages: the first ones need more shared memory than an H200 has), which spares the ~100 s of
+    benchmarking that every new shape otherwise costs."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("mamba_ssm") is None:
+        yield
+        return
+    import mamba_ssm.ops.triton as package
+    from triton.runtime.autotuner import Autotuner
+
+    trimmed = []
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        except Exception:  # a module this build cannot import is not used by our tests either
+            continue
+        for kernel in vars(module).values():
+            if isinstance(kernel, Autotuner) and len(kernel.configs) > 1:
+                trimmed.append((kernel, kernel.configs))
+                kernel.configs = [min(kernel.configs, key=_tile_volume)]
+    yield
+    for kernel, configs in trimmed:
+        kernel.configs = configs
 
 
 @pytest.fixture(autouse=True, scope="session")

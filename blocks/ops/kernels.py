@@ -198,6 +198,11 @@ def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     """mamba-ssm's selective_state_update: y of x's shape; `state` advanced one step."""
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as kernel
 
+    # mamba-ssm 2.3.2's launch reads D's and dt_bias's strides unconditionally (None raises a TypeError there):
+    # zeros are the same step
+    zeros = torch.zeros(x.shape[1:], device=x.device, dtype=torch.float32)
+    D = zeros if D is None else D
+    dt_bias = zeros if dt_bias is None else dt_bias
     return _out(kernel(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus))
 
 
