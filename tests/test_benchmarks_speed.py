@@ -40,3 +40,11 @@ def test_order_sensitivity_on_cpu_fp32_reorderings_agree(monkeypatch, capsys, on
     assert set(out) >= {"fp32_whole", "fp32_rotated-1", "bf16_whole", "bf16_rotated-2", "bf16_halves"}
     assert out["fp32_whole"]["max_abs_loss_diff"] == 0 and out["bf16_whole"]["max_abs_loss_diff"] == 0
     assert out["fp32_rotated-1"]["max_abs_loss_diff"] < 1e-5  # the same mean loss up to fp32 rounding
+
+
+def test_allreduce_between_cpu_processes_sums_and_times(monkeypatch, capsys):
+    out = run(monkeypatch, capsys, "allreduce", ["--tiny", "--numel", "1000", "--repeats", "2"])
+    assert (out["backend"], out["devices"], out["numel"]) == ("gloo", 2, 1000)
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        assert out[dtype]["sums_right"] and out[dtype]["bytes"] == 1000 * size and out[dtype]["ms"] > 0
+        assert out[dtype]["busbw_GBps"] == out[dtype]["algbw_GBps"]  # 2(n-1)/n = 1 for two processes
