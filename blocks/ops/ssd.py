@@ -41,10 +41,12 @@ def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit):
         dt = F.softplus(dt)
     if dt_limit != (0.0, float("inf")):
         dt = dt.clamp(*dt_limit)
-    heads_per_group = x.shape[2] // B.shape[2]
-    B = repeat(B.to(dtype), "b l g n -> b l (g r) n", r=heads_per_group)
-    C = repeat(C.to(dtype), "b l g n -> b l (g r) n", r=heads_per_group)
-    return x.to(dtype), dt, A.to(dtype), B, C
+    return x.to(dtype), dt, A.to(dtype), B.to(dtype), C.to(dtype)
+
+
+def _per_head(t, heads):
+    """(B, L, G, N) -> (B, L, H, N): each group's B or C for each of its heads."""
+    return repeat(t, "b l g n -> b l (g r) n", r=heads // t.shape[2])
 
 
 def _finish(y, x, D, z, out_dtype):
@@ -72,13 +74,15 @@ def ssd_chunked(
     """
     out_dtype, length = x.dtype, x.shape[1]
     x0, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit)
+    groups = B.shape[2]  # B and C stay per group: C.B and the contractions with B and C run once per group
     pad = -length % chunk_size
     # Padded steps have dt = 0: decay 1 and no input, so the final state is unchanged.
     x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x0, dt, B, C))
-    x, B, C = (rearrange(t, "b (c t) h d -> b c t h d", t=chunk_size) for t in (x, B, C))
+    x = rearrange(x, "b (c t) (g r) p -> b c t g r p", t=chunk_size, g=groups)
+    B, C = (rearrange(t, "b (c t) g n -> b c t g n", t=chunk_size) for t in (B, C))
     dA = rearrange(dt * A, "b (c t) h -> b h c t", t=chunk_size)
-    dt = rearrange(dt, "b (c t) h -> b c t h", t=chunk_size)
-    xdt = x * dt[..., None]  # (B, c, T, H, P)
+    dt = rearrange(dt, "b (c t) (g r) -> b c t g r", t=chunk_size, g=groups)
+    xdt = x * dt[..., None]  # (B, c, T, G, R, P)
     dA_cs = dA.cumsum(dim=-1)  # (B, H, c, T)
     masks = None if doc_ids is None else _document_masks(doc_ids, chunk_size, pad)
 
@@ -86,14 +90,17 @@ def ssd_chunked(
     decay_in = torch.exp(segsum(dA))  # (B, H, c, T, T)
     if masks is not None:
         decay_in = decay_in * masks["within"]
-    scores = torch.einsum("bcihn,bcjhn->bhcij", C, B) * decay_in
-    y = torch.einsum("bhcij,bcjhp->bcihp", scores, xdt)
+    scores = rearrange(decay_in, "b (g r) c i j -> b g r c i j", g=groups) * torch.einsum(
+        "bcign,bcjgn->bgcij", C, B)[:, :, None]
+    y = torch.einsum("bgrcij,bcjgrp->bcigrp", scores, xdt)
 
     # 2. State at each chunk's end from its own inputs.
     decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # (B, H, c, T), exponents <= 0
     if masks is not None:
         decay_to_end = decay_to_end * masks["to_end"]
-    states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", B, decay_to_end, xdt)
+    decay_to_end = rearrange(decay_to_end, "b (g r) c t -> b c t g r", g=groups)
+    states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B, xdt * decay_to_end[..., None])
+    states = rearrange(states, "b c g r p n -> b c (g r) p n")
 
     # 3. Pass states across chunks: a (c+1 x c+1) decay matrix over chunk totals.
     if initial_states is None:
@@ -109,8 +116,10 @@ def ssd_chunked(
 
     # 4. Carried state read out at every position of the next chunk.
     decay_from_start = torch.exp(dA_cs) if masks is None else torch.exp(dA_cs) * masks["from_start"]
-    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", C, carried, decay_from_start)
-    y = rearrange(y, "b c t h p -> b (c t) h p")[:, :length]
+    carried = rearrange(carried, "b c (g r) p n -> b c g r p n", g=groups)
+    readout = torch.einsum("bcign,bcgrpn->bcigrp", C, carried)
+    y = y + readout * rearrange(decay_from_start, "b (g r) c i -> b c i g r", g=groups)[..., None]
+    y = rearrange(y, "b c t g r p -> b (c t) (g r) p")[:, :length]
     y = _finish(y, x0, D, z, out_dtype)
     return (y, final) if return_final_states else y
 
@@ -134,6 +143,7 @@ def ssd_ref(
     out_dtype = x.dtype
     x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit)
     batch, length, heads, headdim = x.shape
+    B, C = _per_head(B, heads), _per_head(C, heads)
     h = x.new_zeros(batch, heads, headdim, B.shape[-1]) if initial_states is None else initial_states.to(x.dtype)
     keep = None if doc_ids is None else ~starts(doc_ids)  # (B, L): False where the state resets
     ys = []
