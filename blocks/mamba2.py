@@ -159,10 +159,11 @@ class Mamba2(Block):
 
     def flops_per_token(self, seq_len: int) -> int:
         c = self.config
-        # Chunked SSD per token and head (chunk T): C.B scores 2TN, scores.x 2TP, chunk state 2PN,
-        # carried-state read-out 2PN. Tokens of one chunk attend to at most T = min(chunk, seq_len).
+        # Chunked SSD per token (chunk T): C.B scores 2TN per group (shared by the group's heads, as in mamba-ssm's
+        # kernels); per head scores.x 2TP, chunk state 2PN, carried-state read-out 2PN. Tokens of one chunk attend
+        # to at most T = min(chunk, seq_len).
         # backend="torch" runs chunks of at most ops.TORCH_MAX_CHUNK; "auto" is counted as the CUDA kernel.
         chunk = min(c.chunk_size, ops.TORCH_MAX_CHUNK) if c.backend == "torch" else c.chunk_size
         T = min(chunk, seq_len)
-        ssd = c.n_heads * (2 * T * c.d_state + 2 * T * c.headdim + 4 * c.headdim * c.d_state)
+        ssd = c.ngroups * 2 * T * c.d_state + c.n_heads * (2 * T * c.headdim + 4 * c.headdim * c.d_state)
         return linear_flops(self.in_proj, self.out_proj) + 2 * c.conv_dim * c.d_conv + ssd
