@@ -52,7 +52,7 @@ def _tile_volume(config) -> int:
 @pytest.fixture(autouse=True, scope="session")
 def _one_config_per_mamba_ssm_kernel():
     """GPU tests check numbers, not speed: each of mamba-ssm's autotuned Triton kernels keeps only its smallest config
-    (tiles x stages: the first ones need more shared memory than an H200 has), which spares the ~100 s of
+    (tiles x stages: the first config of some needs more shared memory than an H200 has), which spares the ~100 s of
     benchmarking that every new shape otherwise costs."""
     if not torch.cuda.is_available() or importlib.util.find_spec("mamba_ssm") is None:
         yield

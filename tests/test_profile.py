@@ -69,6 +69,18 @@ def test_bad_input_fails_in_one_line(argv, message, tmp_path, capsys, one_thread
     assert message in err and err.count("\n") == 1
 
 
+def test_a_tracking_uri_without_mlflow_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    monkeypatch.setattr("hybrids.profile.profile", lambda *a, **k: pytest.fail("measured before the check"))
+    assert main(["profile", "--out", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err
+    assert "--tracking-uri needs MLflow" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
 def test_memory_latency_benchmark_runs_the_five_models_at_matched_params(tmp_path, capsys, one_thread):
     import importlib.util
     from pathlib import Path
