@@ -72,6 +72,7 @@ class StudyConfig:
     heartbeat_interval: float = 5.0
     grace_period: float = 30.0
     max_retry: int = 2
+    stop_after: float | None = None  # seconds: start no trial expected to end later (search.deadline); None: no limit
     runs_dir: str = "runs/sweeps"
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     artifacts: str = "runs/mlartifacts"
@@ -94,6 +95,8 @@ class StudyConfig:
             raise ConfigError(f"workers must be an integer >= 1, got {self.workers}")
         if self.n_trials is not None and self.n_trials < 1:
             raise ConfigError(f"n_trials must be an integer >= 1 (or left out: the grid's size), got {self.n_trials}")
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise ConfigError(f"stop_after must be a number of seconds > 0, got {self.stop_after}")
         if self.max_retry < 0:
             raise ConfigError(f"max_retry must be an integer >= 0, got {self.max_retry}")
         if self.heartbeat_interval <= 0:
@@ -134,7 +137,7 @@ class StudyConfig:
         expect = {"name": str, "question": str, "kind": str, "metric": str, "direction": str, "sampler": str,
                   "pruner": str, "workers": int, "max_retry": int, "heartbeat_interval": float,
                   "grace_period": float, "runs_dir": str, "tracking_uri": str, "artifacts": str}
-        optional = {"n_trials": int, "storage": str, "x": str, "match": dict}
+        optional = {"n_trials": int, "storage": str, "x": str, "match": dict, "stop_after": float}
         containers = {"seeds": list, "train": list, "space": dict, "variants": dict}
         for key, kind in [*expect.items(), *optional.items(), *containers.items()]:
             value = getattr(self, key)

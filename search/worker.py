@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from blocks import ConfigError
 from hybrids.training.progress import format_duration
+from search.deadline import fits_before
 from search.identity import StudyIdentity
 from search.objective import Objective, TrialInterrupted
 from search.protocol import ArmMedianPruner
@@ -65,12 +66,16 @@ def open_study(config: StudyConfig, identity: StudyIdentity, storage, seed: int 
                              pruner=_pruner(config))
 
 
-def claim(study: optuna.Study, storage: optuna.storages.BaseStorage, target: int) -> optuna.Trial | None:
-    """The next queued trial, now RUNNING and this worker's; None once the study has `target` finished
-    trials or nothing is queued. The WAITING -> RUNNING change fails for all but one claimant."""
+def claim(study: optuna.Study, storage: optuna.storages.BaseStorage, target: int,
+          fits=lambda trial: True) -> optuna.Trial | None:
+    """The next queued trial that `fits` (search.deadline), now RUNNING and this worker's; None once the study
+    has `target` finished trials or nothing that fits is queued. The WAITING -> RUNNING change fails for all but
+    one claimant."""
     if counts(study)["done"] >= target:
         return None
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not fits(t):
+            continue
         with contextlib.suppress(UpdateFinishedTrialError):
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 return optuna.Trial(study, t._trial_id)
@@ -169,10 +174,15 @@ def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], p
     print(f"worker {index} ({name}{on}): sampler seed {seed}", flush=True)
     objective = Objective(config, identity, extra_train, parent_run_id)
     progress = Progress(config.n_trials, config.workers)
+    deadline = None if config.stop_after is None else time.time() + config.stop_after
     while True:
         recover(study, config.grace_period, config.max_retry)
-        trial = claim(study, storage, config.n_trials)
+        trial = claim(study, storage, config.n_trials, fits_before(study, deadline))
         if trial is None:
+            if deadline is not None and counts(study)["done"] < config.n_trials:
+                print(f"worker {index} ({name}): stops: no queued trial is expected to end within stop_after = "
+                      f"{config.stop_after:g} s", flush=True)
+                return
             if counts(study)["done"] >= config.n_trials or not _running_in(study, sweep):
                 return
             time.sleep(config.heartbeat_interval)  # a trial of this sweep runs: its worker may yet die

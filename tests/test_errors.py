@@ -112,6 +112,8 @@ def test_sweep_on_a_bad_study_file(files, source, message, capsys):
                         "(else a live trial looks stale), got -1"),
     ("heartbeat_interval=-2", "heartbeat_interval must be a number of seconds > 0, got -2"),
     ("max_retry=-1", "max_retry must be an integer >= 0, got -1"),
+    ("stop_after=0", "stop_after must be a number of seconds > 0, got 0"),
+    ("stop_after=soon", "stop_after must be a number, got 'soon'"),
     ("seeds=[]", "seeds must list at least one seed, e.g. seeds=[0]"),
     ("seeds=[a]", "seeds must be a list of integers, got ['a']"),
     ("storage=5", "storage must be a string, got 5"),
