@@ -34,7 +34,8 @@ def test_only_trials_expected_to_end_in_time_are_claimed(tmp_path):
     assert expected_seconds(study) == {(("model.layout", "A"),): 10, (("model.layout", "M"),): 100}
     for layout in ("M", "A", "G"):  # M is queued first
         study.enqueue_trial({"model.layout": layout, "optim.lr": 1e-2})
-    waiting = {t.system_attrs["fixed_params"]["model.layout"]: t for t in study.get_trials(states=(TrialState.WAITING,))}
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    waiting = {t.system_attrs["fixed_params"]["model.layout"]: t for t in queued}
 
     fits = fits_before(study, time.time() + 50)
     assert [fits(waiting[k]) for k in ("A", "M", "G")] == [True, False, True]  # G: like no finished trial
