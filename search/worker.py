@@ -179,11 +179,12 @@ def work(config: StudyConfig, identity: StudyIdentity, extra_train: list[str], p
         recover(study, config.grace_period, config.max_retry)
         trial = claim(study, storage, config.n_trials, fits_before(study, deadline))
         if trial is None:
-            if deadline is not None and counts(study)["done"] < config.n_trials:
+            c = counts(study)
+            if deadline is not None and c["waiting"] and c["done"] < config.n_trials:
                 print(f"worker {index} ({name}): stops: no queued trial is expected to end within stop_after = "
                       f"{config.stop_after:g} s", flush=True)
                 return
-            if counts(study)["done"] >= config.n_trials or not _running_in(study, sweep):
+            if c["done"] >= config.n_trials or not _running_in(study, sweep):
                 return
             time.sleep(config.heartbeat_interval)  # a trial of this sweep runs: its worker may yet die
             continue
