@@ -115,16 +115,18 @@ def arms_frame(df: pd.DataFrame, meta: StudyMeta) -> pd.DataFrame:
         meta: the study's metadata (direction, lr_grid, match_by, match_budget).
     Returns:
         Columns arm, setting, architecture, budget, deviation (budget / reference - 1; NaN when not matched),
-        best_lr, best_wd, mean, std, min, max, n, edge (bool), lrs (grid points the arm completed), kv_bytes (the
-        KV cache at the trials' seq_len and batch 1, bf16; NaN without accounting).
+        best_lr, best_wd, mean, std, min, max, n, edge (bool), lrs (learning rates the arm completed), points
+        (lr x wd grid points with a complete trial), grid (the study's lr x wd grid size; NaN without lr_grid),
+        kv_bytes (the KV cache at the trials' seq_len and batch 1, bf16; NaN without accounting).
     """
     points = arm_points(df)
     columns = ["arm", "setting", "architecture", "budget", "deviation", "best_lr", "best_wd", "mean", "std", "min",
-               "max", "n", "edge", "lrs", "kv_bytes"]
+               "max", "n", "edge", "lrs", "points", "grid", "kv_bytes"]
     if points.empty:
         return pd.DataFrame(columns=columns)
     maximize = meta.direction == "maximize"
     grid = sorted(meta.lr_grid or points["lr"].dropna().unique())
+    grid_size = len(meta.lr_grid) * len(meta.wd_grid or [None]) if meta.lr_grid else np.nan
     budget_column = BUDGETS[meta.match_by or "params"][0]
     rows = []
     for arm, part in points.groupby("arm", sort=False):
@@ -136,7 +138,8 @@ def arms_frame(df: pd.DataFrame, meta: StudyMeta) -> pd.DataFrame:
         rows.append({"arm": arm, "setting": best["setting"], "architecture": best["architecture"],
                      "budget": budget, "deviation": deviation, "best_lr": best["lr"], "best_wd": best["wd"],
                      **{k: best[k] for k in ("mean", "std", "min", "max", "n")},
-                     "edge": edge, "lrs": int(part["lr"].nunique()), "kv_bytes": best.get("kv_bytes", np.nan)})
+                     "edge": edge, "lrs": int(part["lr"].nunique()), "points": len(part), "grid": grid_size,
+                     "kv_bytes": best.get("kv_bytes", np.nan)})
     arms = pd.DataFrame(rows, columns=columns)
     order = {setting: i for i, setting in enumerate(arms["setting"].unique())}
     arms = arms.assign(_order=arms["setting"].map(order), _key=arms["mean"] if maximize else -arms["mean"])
@@ -208,6 +211,13 @@ def statements(arms: pd.DataFrame, meta: StudyMeta) -> list[str]:
         named = ", ".join(edge) if len(edge) <= MAX_NAMED else \
             f"{len(edge)} of {len(arms)} (the table's \"lr at edge\" column)"
         lines.append(f"best lr at the grid's edge for arms {named}: widen lr_grid")
+    unfinished = arms[arms["points"] < arms["grid"]]
+    if len(unfinished):
+        named = ", ".join(f"{r['arm']} ({r['points']} of {int(r['grid'])})" for _, r in unfinished.iterrows()) \
+            if len(unfinished) <= MAX_NAMED else \
+            f"{len(unfinished)} of {len(arms)} (the table's \"grid points\" column)"
+        lines.append(f"grid points not all finished for arms {named}: each shows the best of what finished, "
+                     "which may change when the rest finish")
     for setting, part in arms.groupby("setting", sort=False):
         prefix = f"{setting}: " if setting else ""
         best = part.iloc[0]
@@ -233,18 +243,20 @@ def arms_cells(arms: pd.DataFrame, meta: StudyMeta) -> tuple[list[str], list[lis
     name = BUDGETS[meta.match_by or "params"][1]
     has_wd = arms["best_wd"].notna().any()
     settings = bool(arms["setting"].astype(bool).any())
+    unfinished = bool((arms["points"] < arms["grid"]).any())
     headers = [*(["setting"] if settings else []), "arm", f"budget ({name})" if meta.match_by else name,
                "vs reference", "best lr", *(["best wd"] if has_wd else []), f"{meta.metric} mean",
-               "range over seeds", "seeds", "lr at edge", "KV cache"]
+               "range over seeds", "seeds", "lr at edge", *(["grid points"] if unfinished else []), "KV cache"]
     rows = []
     for _, r in arms.iterrows():
         rows.append([*([str(r["setting"])] if settings else []), str(r["architecture"]),
                      _budget_text(r["budget"], meta), "-" if is_missing(r["deviation"]) else f"{r['deviation']:+.1%}",
                      fmt_number(r["best_lr"], 3), *([fmt_number(r["best_wd"], 3)] if has_wd else []),
                      fmt_number(r["mean"]), _range(r), str(r["n"]), "yes: widen lr_grid" if r["edge"] else "no",
+                     *([f"{r['points']} of {int(r['grid'])}"] if unfinished else []),
                      "-" if is_missing(r["kv_bytes"]) else human_bytes(r["kv_bytes"])])
     numeric = [*([False] if settings else []), False, True, True, True, *([True] if has_wd else []), True, True,
-               True, False, True]
+               True, False, *([True] if unfinished else []), True]
     return headers, rows, numeric
 
 

@@ -163,7 +163,7 @@ ARMS = {
 LRS = [1e-3, 3e-3, 1e-2]
 
 
-def _arms_study(storage, match_by="params", seeds=2):
+def _arms_study(storage, match_by="params", seeds=2, skip=()):
     study = optuna.create_study(study_name="arms", storage=storage, direction="maximize")
     for key, value in {"metric": "val/accuracy", "direction": "maximize", "kind": "spacing", "x": "n_attention",
                        "group_by": ["model.layout", "optim.lr"], "arm_by": ["model.layout"], "lr_grid": LRS,
@@ -173,6 +173,8 @@ def _arms_study(storage, match_by="params", seeds=2):
              "trainer.seed": IntDistribution(0, 1)}
     for layout, (params, by_lr) in ARMS.items():
         for lr, values in by_lr.items():
+            if (layout, lr) in skip:
+                continue
             for seed, value in enumerate(values[:seeds]):
                 attrs = {"layout": layout, "params_unique": params, "flops_per_token": 2 * params, "kv_bytes": 0,
                          "state_bytes": 64, "seed": seed, "arm": f"layout={layout}", "n_attention": len(layout),
@@ -191,7 +193,7 @@ def test_report_keeps_each_arms_best_lr_and_says_what_follows(tmp_path):
     assert arms["best_lr"].to_dict() == {"layout=A+F": 1e-3, "layout=2M:A*": 1e-2, "layout=M": 3e-3}
     assert arms["mean"].tolist() == pytest.approx([0.90, 0.89, 0.65])
     assert (arms.loc["layout=M", "min"], arms.loc["layout=M", "max"]) == (0.60, 0.70)
-    assert arms["n"].tolist() == [2, 2, 2] and arms["lrs"].tolist() == [3, 3, 3]
+    assert arms["n"].tolist() == [2, 2, 2] and arms["lrs"].tolist() == [3, 3, 3] and arms["points"].tolist() == [3] * 3
     assert arms["edge"].to_dict() == {"layout=A+F": True, "layout=2M:A*": True, "layout=M": False}
     assert arms.loc["layout=M", "deviation"] == pytest.approx(198_450 / 199_936 - 1)
     assert arms.loc["layout=2M:A*", "deviation"] == 0.0
@@ -205,6 +207,7 @@ def test_report_keeps_each_arms_best_lr_and_says_what_follows(tmp_path):
     assert "| `layout=2M:A*` | 200k | +0.0% | 0.01 | 0.9 | [0.85, 0.95] | 2 | yes: widen lr_grid |" in result.markdown
     assert "| `layout=M` | 198k | -0.7% | 0.003 | 0.65 | [0.6, 0.7] | 2 | no |" in result.markdown
     assert "- best lr at the grid's edge for arms layout=2M:A*, layout=A+F: widen lr_grid" in result.markdown
+    assert "grid points" not in result.markdown  # every arm finished its grid
     assert result.figures["lr"].stat().st_size > 5000 and "lr" not in result.skipped
     csv = pd.read_csv(tmp_path / "report" / "arms.csv")
     assert csv["arm"].tolist() == ["layout=2M:A*", "layout=A+F", "layout=M"]
@@ -213,6 +216,21 @@ def test_report_keeps_each_arms_best_lr_and_says_what_follows(tmp_path):
     assert "One row per arm at its best learning rate (every learning rate: trials.csv and lr.png), best mean " \
            "first;" in result.markdown
     assert "| 3 | `layout=M, lr=0.003` | `M` |" in result.markdown
+
+
+def test_report_says_which_arms_have_not_finished_their_grid(tmp_path):
+    """A study stopped part-way: an arm's value is the best of the grid points that finished, and the report says
+    so for that arm (a column appears in the table only then)."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    _arms_study(storage, skip={("M", 3e-3), ("M", 1e-2)})
+    result = write_report(storage, "arms", out_dir=tmp_path / "report", echo=False)
+    arms = result.arms.set_index("arm")
+    assert arms["points"].to_dict() == {"layout=2M:A*": 3, "layout=A+F": 3, "layout=M": 1}
+    assert arms.loc["layout=M", "mean"] == pytest.approx(0.42) and arms.loc["layout=M", "grid"] == 3
+    assert ("grid points not all finished for arms layout=M (1 of 3): each shows the best of what finished, which "
+            "may change when the rest finish") in result.statements
+    assert "| `layout=M` | 198k | -0.7% | 0.001 | 0.42 | [0.4, 0.44] | 2 | yes: widen lr_grid | 1 of 3 |" \
+        in result.markdown
 
 
 def test_report_says_when_arms_are_not_budget_matched_or_have_one_seed(tmp_path):
