@@ -2,6 +2,7 @@
 sweep that runs one trial per GPU.
 
     python benchmarks/multi_gpu.py ddp [--steps 50] [--devices 2]   # 1 GPU vs N GPUs, same global batch
+        [--ceiling]   # and 1 GPU at one rank's batch: what N GPUs would give if they never communicated
     python benchmarks/multi_gpu.py fsdp [--steps 20] [--devices 2]  # zamba2-1.2b under FSDP
     python benchmarks/multi_gpu.py sweep [--devices 2]              # 2 x devices trials, one per GPU at a time
     --set KEY=VALUE (repeatable): a training override for ddp and fsdp runs, e.g. --set trainer.fused_ce=false
@@ -9,7 +10,9 @@ sweep that runs one trial per GPU.
 
 Each check runs `hybrids train` / `hybrids sweep` in a subprocess, as a user would, and prints one JSON object:
 ddp: the per-step training loss of both runs (the mean over ranks), the largest per-step difference, and tokens/s
-(median of the logged steps after the first 5) with their ratio; fsdp: losses, tokens/s and peak GiB; sweep: each
+(median of the logged steps after the first 5) with their ratio; with --ceiling also one GPU's tokens/s at one
+rank's batch (global / N), N times which is the speed-up that N ranks could reach with free communication, and the
+share of it that DDP reached; fsdp: losses, tokens/s and peak GiB; sweep: each
 trial's GPU and start/end times, and whether trials overlapped on different GPUs.
 """
 
@@ -80,13 +83,22 @@ def ddp(args) -> dict:
     diffs = [abs(loss1[s] - loss2[s]) for s in steps]
     worst = max(range(len(steps)), key=diffs.__getitem__)
     speed1, speed2 = _speed(one), _speed(many)
+    ceiling = {}
+    if args.ceiling:
+        rank_batch = args.batch // args.devices
+        base[base.index(f"trainer.batch_size={args.batch}")] = f"trainer.batch_size={rank_batch}"
+        with tempfile.TemporaryDirectory() as tmp:
+            rank, _ = _train([*base, "trainer.devices=1"], Path(tmp), "rank")
+        ideal = args.devices * _speed(rank) / speed1
+        ceiling = {"rank_batch": rank_batch, "tokens_per_s_one_at_rank_batch": _speed(rank),
+                   "speedup_without_communication": ideal, "share_of_it_reached": (speed2 / speed1) / ideal}
     return {"check": "ddp", "devices": args.devices, "overrides": args.set, "global_batch": args.batch,
             "seq_len": args.length,
             "steps_compared": len(steps), "max_abs_loss_diff": diffs[worst], "at_step": steps[worst],
             "loss_at_worst": [loss1[steps[worst]], loss2[steps[worst]]],
             "final_loss": [loss1[steps[-1]], loss2[steps[-1]]], "tokens_per_s": [speed1, speed2],
             "speedup": speed2 / speed1, "wall_s": [wall1, wall2],
-            "loss_one": [loss1[s] for s in steps], "loss_many": [loss2[s] for s in steps]}
+            **ceiling, "loss_one": [loss1[s] for s in steps], "loss_many": [loss2[s] for s in steps]}
 
 
 def fsdp(args) -> dict:
@@ -143,6 +155,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="global batch (default 16; --tiny 4)")
     p.add_argument("--length", type=int, help="tokens per sequence (default 2048; --tiny 64)")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--ceiling", action="store_true", help="ddp: also one GPU at one rank's batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training override (ddp, fsdp)")
     args = p.parse_args()
     args.steps = args.steps or {"ddp": 50, "fsdp": 20, "sweep": 200}[args.check]

@@ -1,5 +1,6 @@
 """The issue-10 benchmarks run on CPU at tiny sizes and print the JSON the docs' tables are filled from."""
 
+import argparse
 import importlib
 import json
 from pathlib import Path
@@ -48,3 +49,26 @@ def test_allreduce_between_cpu_processes_sums_and_times(monkeypatch, capsys):
     for dtype, size in (("float32", 4), ("bfloat16", 2)):
         assert out[dtype]["sums_right"] and out[dtype]["bytes"] == 1000 * size and out[dtype]["ms"] > 0
         assert out[dtype]["busbw_GBps"] == out[dtype]["algbw_GBps"]  # 2(n-1)/n = 1 for two processes
+
+
+def test_ddp_ceiling_is_one_gpu_at_one_ranks_batch(monkeypatch):
+    """multi_gpu.py ddp --ceiling: the speed-up N ranks could reach with free communication is N times one GPU's
+    tokens/s at one rank's batch over its tokens/s at the global batch; the share reached is DDP's speed-up over it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    multi_gpu = importlib.import_module("multi_gpu")
+    calls = []
+
+    def train(overrides, run_dir, name):  # tokens/s by (devices, batch): 1 GPU 100 at 16, 80 at 8; 2 GPUs 150
+        calls.append((name, [o for o in overrides if o.startswith(("trainer.batch_size", "trainer.devices"))]))
+        speed = {"one": 100.0, "many": 150.0, "rank": 80.0}[name]
+        return [{"step": str(s), "train/loss": "1.0", "perf/tokens_per_s": str(speed)} for s in range(10)], 1.0
+
+    monkeypatch.setattr(multi_gpu, "_train", train)
+    args = argparse.Namespace(devices=2, steps=10, batch=16, length=64, tiny=True, ceiling=True, set=[])
+    out = multi_gpu.ddp(args)
+    assert calls == [("one", ["trainer.batch_size=16", "trainer.devices=1"]),
+                     ("many", ["trainer.batch_size=16", "trainer.devices=2"]),
+                     ("rank", ["trainer.batch_size=8", "trainer.devices=1"])]
+    assert out["speedup"] == 1.5 and out["rank_batch"] == 8
+    assert out["speedup_without_communication"] == pytest.approx(1.6)
+    assert out["share_of_it_reached"] == pytest.approx(1.5 / 1.6)
