@@ -6,6 +6,7 @@ sweep that runs one trial per GPU.
     python benchmarks/multi_gpu.py fsdp [--steps 20] [--devices 2]  # zamba2-1.2b under FSDP
     python benchmarks/multi_gpu.py sweep [--devices 2]              # 2 x devices trials, one per GPU at a time
     --set KEY=VALUE (repeatable): a training override for ddp and fsdp runs, e.g. --set trainer.fused_ce=false
+    --ddp-set KEY=VALUE (repeatable): an override for the ddp check's N-GPU run only, e.g. trainer.ddp_comm=bf16
     --tiny: ddp and sweep on CPU processes (gloo) at toy size
 
 Each check runs `hybrids train` / `hybrids sweep` in a subprocess, as a user would, and prints one JSON object:
@@ -77,7 +78,8 @@ def ddp(args) -> dict:
     base = _run(args, TINY if args.tiny else HYBRID_170M)
     with tempfile.TemporaryDirectory() as tmp:
         one, wall1 = _train([*base, "trainer.devices=1"], Path(tmp), "one")
-        many, wall2 = _train([*base, f"trainer.devices={args.devices}", "trainer.strategy=ddp"], Path(tmp), "many")
+        many, wall2 = _train([*base, f"trainer.devices={args.devices}", "trainer.strategy=ddp", *args.ddp_set],
+                             Path(tmp), "many")
     loss1, loss2 = _series(one, "train/loss"), _series(many, "train/loss")
     steps = sorted(set(loss1) & set(loss2))
     diffs = [abs(loss1[s] - loss2[s]) for s in steps]
@@ -92,7 +94,8 @@ def ddp(args) -> dict:
         ideal = args.devices * _speed(rank) / speed1
         ceiling = {"rank_batch": rank_batch, "tokens_per_s_one_at_rank_batch": _speed(rank),
                    "speedup_without_communication": ideal, "share_of_it_reached": (speed2 / speed1) / ideal}
-    return {"check": "ddp", "devices": args.devices, "overrides": args.set, "global_batch": args.batch,
+    return {"check": "ddp", "devices": args.devices, "overrides": args.set, "ddp_overrides": args.ddp_set,
+            "global_batch": args.batch,
             "seq_len": args.length,
             "steps_compared": len(steps), "max_abs_loss_diff": diffs[worst], "at_step": steps[worst],
             "loss_at_worst": [loss1[steps[worst]], loss2[steps[worst]]],
@@ -157,6 +160,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--ceiling", action="store_true", help="ddp: also one GPU at one rank's batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training override (ddp, fsdp)")
+    p.add_argument("--ddp-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for the ddp check's N-GPU run only")
     args = p.parse_args()
     args.steps = args.steps or {"ddp": 50, "fsdp": 20, "sweep": 200}[args.check]
     args.batch = args.batch or (4 if args.tiny else 16)

@@ -64,7 +64,7 @@ def test_ddp_ceiling_is_one_gpu_at_one_ranks_batch(monkeypatch):
         return [{"step": str(s), "train/loss": "1.0", "perf/tokens_per_s": str(speed)} for s in range(10)], 1.0
 
     monkeypatch.setattr(multi_gpu, "_train", train)
-    args = argparse.Namespace(devices=2, steps=10, batch=16, length=64, tiny=True, ceiling=True, set=[])
+    args = argparse.Namespace(devices=2, steps=10, batch=16, length=64, tiny=True, ceiling=True, set=[], ddp_set=[])
     out = multi_gpu.ddp(args)
     assert calls == [("one", ["trainer.batch_size=16", "trainer.devices=1"]),
                      ("many", ["trainer.batch_size=16", "trainer.devices=2"]),

@@ -51,11 +51,12 @@ def test_fsdp_makes_each_backbone_layer_a_unit_and_keeps_shared_blocks_and_tied_
 
     from hybrids import HybridLM
     from hybrids.config import ModelConfig
+    from hybrids.training.config import TrainerConfig
     from hybrids.training.strategy import backbone_layer_policy, make_strategy
 
     model = HybridLM(ModelConfig(layout="2M:A*:2M:A*", d_model=32, vocab_size=64, tie_embeddings=True))
     policy = backbone_layer_policy(model)
     units = [name for name, module in model.named_modules() if policy(module, recurse=False, nonwrapped_numel=0)]
     assert units == [f"layers.{i}" for i in range(4)]  # not the shared block (called twice), embedding or head
-    assert make_strategy("ddp", model) == "ddp"
-    assert isinstance(make_strategy("fsdp", model), FSDPStrategy)
+    assert make_strategy(TrainerConfig(strategy="ddp", devices=2), model) == "ddp"
+    assert isinstance(make_strategy(TrainerConfig(strategy="fsdp", devices=2), model), FSDPStrategy)

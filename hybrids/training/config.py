@@ -22,6 +22,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # what Lightning's Trainer accepts on one device
 STRATEGIES = ("auto", "ddp", "fsdp")  # Lightning's names: auto = one device, else DDP
+DDP_COMMS = ("fp32", "bf16")  # the gradients' all-reduce precision under DDP
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -65,6 +66,12 @@ class TrainerConfig:
     # torch.compile's mode when compile: default, reduce-overhead (CUDA graphs: for launch-bound steps),
     # max-autotune, max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # DDP only: the gradient buckets' size in MiB (None: PyTorch's 25). Under torch.compile each bucket boundary
+    # splits the compiled graph (dynamo's DDPOptimizer), so larger buckets mean fewer graphs and fewer all-reduces
+    ddp_bucket_mb: int | None = None
+    # DDP only: the precision of the gradients' all-reduce; bf16 sends half the bytes (each rank's gradient is
+    # rounded to bf16 before the sum, then restored to fp32), fp32 sends them as they are
+    ddp_comm: str = "fp32"
     fused_ce: bool | str = "auto"  # fused linear cross-entropy in training steps (no (B, L, V) logits); auto: on CUDA
     data_workers: Any = "auto"  # processes that build training batches ahead of the loop; auto: 2 on CUDA, 0 on CPU
     seed: int = 0
@@ -87,6 +94,16 @@ class TrainerConfig:
             raise ConfigError(f"trainer.data_workers must be auto or an integer >= 0, got {self.data_workers!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        bucket = self.ddp_bucket_mb
+        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0):
+            raise ConfigError(f"trainer.ddp_bucket_mb must be a positive integer (MiB) or null, got {bucket!r}")
+        if self.ddp_comm not in DDP_COMMS:
+            raise ConfigError(f"trainer.ddp_comm must be one of {', '.join(DDP_COMMS)}, got {self.ddp_comm!r}")
+        if (bucket is not None or self.ddp_comm != "fp32") and (
+                self.strategy == "fsdp" or (self.strategy == "auto" and self.devices * self.num_nodes == 1)):
+            raise ConfigError("trainer.ddp_bucket_mb and trainer.ddp_comm apply to DDP (trainer.strategy=ddp, or "
+                              f"auto over several devices), not to trainer.strategy={self.strategy} on "
+                              f"{self.devices * self.num_nodes} device(s)")
         for key in ("max_steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every", "devices",
                     "num_nodes"):
             if getattr(self, key) <= 0:
@@ -192,7 +209,7 @@ DISPLAY_ONLY = ("progress_bar", "progress_every_s")  # trainer keys that change 
 # where a run's processes run, not what they compute (the global batch is fixed): a run resumes on other devices
 PLACEMENT = ("devices", "strategy", "num_nodes")
 # trainer keys that change how a step is computed (equal within rounding), not what
-SPEED_ONLY = ("fused_ce", "data_workers", "compile_mode")
+SPEED_ONLY = ("fused_ce", "data_workers", "compile_mode", "ddp_bucket_mb", "ddp_comm")
 UNSCORED = DISPLAY_ONLY + PLACEMENT + SPEED_ONLY  # left out of a run's name and of what a resumed run must match
 
 

@@ -151,7 +151,7 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
         gradient_clip_val=(config.optim.grad_clip or None) if config.trainer.strategy != "fsdp" else None,
         precision=_precision(config),
         accelerator=config.trainer.accelerator, devices=config.trainer.devices,
-        strategy=make_strategy(config.trainer.strategy, module.model),
+        strategy=make_strategy(config.trainer, module.model),
         num_nodes=config.trainer.num_nodes, use_distributed_sampler=False, logger=loggers,
         callbacks=[last, best, *progress, *extra], log_every_n_steps=config.trainer.log_every,
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=run_dir,
