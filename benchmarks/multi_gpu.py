@@ -13,8 +13,8 @@ Each check runs `hybrids train` / `hybrids sweep` in a subprocess, as a user wou
 ddp: the per-step training loss of both runs (the mean over ranks), the largest per-step difference, and tokens/s
 (median of the logged steps after the first 5) with their ratio; with --ceiling also one GPU's tokens/s at one
 rank's batch (global / N), N times which is the speed-up that N ranks could reach with free communication, and the
-share of it that DDP reached; fsdp: losses, tokens/s and peak GiB; sweep: each
-trial's GPU and start/end times, and whether trials overlapped on different GPUs.
+share of it that DDP reached; fsdp: losses, tokens/s and peak GiB; sweep: each trial's GPU and start/end times,
+and whether trials overlapped on different GPUs.
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ def ddp(args) -> dict:
         ceiling = {"rank_batch": rank_batch, "tokens_per_s_one_at_rank_batch": _speed(rank),
                    "speedup_without_communication": ideal, "share_of_it_reached": (speed2 / speed1) / ideal}
     return {"check": "ddp", "devices": args.devices, "overrides": args.set, "ddp_overrides": args.ddp_set,
-            "global_batch": args.batch,
-            "seq_len": args.length,
+            "global_batch": args.batch, "seq_len": args.length,
             "steps_compared": len(steps), "max_abs_loss_diff": diffs[worst], "at_step": steps[worst],
             "loss_at_worst": [loss1[steps[worst]], loss2[steps[worst]]],
             "final_loss": [loss1[steps[-1]], loss2[steps[-1]]], "tokens_per_s": [speed1, speed2],
