@@ -1,5 +1,6 @@
-"""stop_after: a worker starts only trials expected to end before the deadline (the median wall time of finished
-trials at the same point apart from lr, weight decay and seed); a sweep past its deadline ends without killing."""
+"""stop_after: a worker starts only trials expected to end before the deadline (the longest wall time of finished
+trials at the same point apart from lr, weight decay and seed; for a point like none finished, the study's longest
+trial); a sweep past its deadline ends without killing."""
 
 import datetime
 import time
@@ -29,16 +30,17 @@ def finished(study, layout, lr, seconds):
 def test_only_trials_expected_to_end_in_time_are_claimed(tmp_path):
     storage = open_storage(f"journal:{tmp_path}/optuna.journal")
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    for layout, lr, seconds in (("A", 1e-3, 8), ("A", 1e-2, 12), ("A", 1e-2, 10), ("M", 1e-3, 100)):
+    for layout, lr, seconds in (("A", 1e-3, 8), ("A", 1e-2, 12), ("A", 1e-2, 10), ("M", 1e-3, 40)):
         finished(study, layout, lr, seconds)
-    assert expected_seconds(study) == {(("model.layout", "A"),): 10, (("model.layout", "M"),): 100}
+    assert expected_seconds(study) == {(("model.layout", "A"),): 12, (("model.layout", "M"),): 40}
     for layout in ("M", "A", "G"):  # M is queued first
         study.enqueue_trial({"model.layout": layout, "optim.lr": 1e-2})
     queued = study.get_trials(states=(TrialState.WAITING,))
     waiting = {t.system_attrs["fixed_params"]["model.layout"]: t for t in queued}
 
-    fits = fits_before(study, time.time() + 50)
-    assert [fits(waiting[k]) for k in ("A", "M", "G")] == [True, False, True]  # G: like no finished trial
+    fits = fits_before(study, time.time() + 30)
+    assert [fits(waiting[k]) for k in ("A", "M", "G")] == [True, False, False]  # G: like none finished, M's 40 s
+    assert [fits_before(study, time.time() + 50)(waiting[k]) for k in ("A", "M", "G")] == [True, True, True]
     assert claim(study, storage, target=10, fits=fits).params == {}  # params come when the trial suggests them
     claimed = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
     assert [t.system_attrs["fixed_params"]["model.layout"] for t in claimed] == ["A"]  # M skipped
