@@ -175,6 +175,11 @@ def by_setting(summary: pd.DataFrame, arms: pd.DataFrame) -> pd.DataFrame:
     return grouped
 
 
+def _unfinished(arms: pd.DataFrame) -> pd.Series:
+    """Per arm, whether some of its lr x wd grid points have no complete trial (False without a recorded grid)."""
+    return arms["points"] < arms["grid"]
+
+
 def _range(row) -> str:
     return f"[{fmt_number(row['min'], 3)}, {fmt_number(row['max'], 3)}]"
 
@@ -211,7 +216,7 @@ def statements(arms: pd.DataFrame, meta: StudyMeta) -> list[str]:
         named = ", ".join(edge) if len(edge) <= MAX_NAMED else \
             f"{len(edge)} of {len(arms)} (the table's \"lr at edge\" column)"
         lines.append(f"best lr at the grid's edge for arms {named}: widen lr_grid")
-    unfinished = arms[arms["points"] < arms["grid"]]
+    unfinished = arms[_unfinished(arms)]
     if len(unfinished):
         named = ", ".join(f"{r['arm']} ({r['points']} of {int(r['grid'])})" for _, r in unfinished.iterrows()) \
             if len(unfinished) <= MAX_NAMED else \
@@ -243,7 +248,7 @@ def arms_cells(arms: pd.DataFrame, meta: StudyMeta) -> tuple[list[str], list[lis
     name = BUDGETS[meta.match_by or "params"][1]
     has_wd = arms["best_wd"].notna().any()
     settings = bool(arms["setting"].astype(bool).any())
-    unfinished = bool((arms["points"] < arms["grid"]).any())
+    unfinished = bool(_unfinished(arms).any())
     headers = [*(["setting"] if settings else []), "arm", f"budget ({name})" if meta.match_by else name,
                "vs reference", "best lr", *(["best wd"] if has_wd else []), f"{meta.metric} mean",
                "range over seeds", "seeds", "lr at edge", *(["grid points"] if unfinished else []), "KV cache"]

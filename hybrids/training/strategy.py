@@ -15,7 +15,7 @@ import functools
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 
 
@@ -57,16 +57,12 @@ def backbone_layer_policy(model: nn.Module):
 
 def make_strategy(trainer, model: nn.Module):
     """`trainer.strategy` (a TrainerConfig) as Lightning takes it: "auto" or "ddp" by name where DDP's defaults
-    stand, else a DDPStrategy or an FSDPStrategy."""
-    name, processes = trainer.strategy, trainer.devices * trainer.num_nodes
-    tuned = trainer.ddp_bucket_mb is not None or trainer.ddp_comm != "fp32"
-    if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
+    stand, else a DDPStrategy or an FSDPStrategy. (TrainerConfig refuses the DDP options where no DDP runs.)"""
+    if trainer.strategy == "fsdp":
         return FSDPStrategy(auto_wrap_policy=backbone_layer_policy(model), sharding_strategy="FULL_SHARD",
                             use_orig_params=True)
-    if not tuned or (name == "auto" and processes == 1):
-        return name
+    if trainer.ddp_bucket_mb is None and trainer.ddp_comm == "fp32":
+        return trainer.strategy
     kwargs = {} if trainer.ddp_bucket_mb is None else {"bucket_cap_mb": trainer.ddp_bucket_mb}
     if trainer.ddp_comm == "bf16":
         kwargs["comm_hook"] = bf16_allreduce
