@@ -72,3 +72,29 @@ def test_ddp_ceiling_is_one_gpu_at_one_ranks_batch(monkeypatch):
     assert out["speedup"] == 1.5 and out["rank_batch"] == 8
     assert out["speedup_without_communication"] == pytest.approx(1.6)
     assert out["share_of_it_reached"] == pytest.approx(1.5 / 1.6)
+
+
+def test_step_profile_times_a_lightning_step_on_cpu(monkeypatch, capsys, one_thread):
+    out = run(monkeypatch, capsys, "step_profile", ["--tiny", "--steps", "18", "--length", "16"])
+    assert out["timed_steps"] == [10, 12] and out["ms_per_step"] > 0
+    assert out["tokens_per_s"] == pytest.approx(2 * 16 / out["ms_per_step"] * 1e3)
+    assert out["profile"] is None  # the device timeline needs CUDA
+
+
+def test_step_profile_reads_device_idle_and_the_host_op_behind_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from step_profile import PROFILED, analyse
+
+    def x(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    # kernels cover [0, 15) and [20, 30) (two overlap): 25 us busy, a 5 us gap at [15, 20) while the host is inside
+    # "step" > "python_work"; one sync; a thread with fewer ops is not the main one
+    trace = {"traceEvents": [x("kernel", "k1", 0, 10, 7), x("kernel", "k2", 5, 10, 7), x("gpu_memcpy", "c", 20, 10, 7),
+                             x("cpu_op", "step", 0, 40), x("cpu_op", "python_work", 14, 8),
+                             x("cuda_runtime", "cudaStreamSynchronize", 25, 2), x("cpu_op", "other", 16, 2, tid=2)]}
+    out = analyse(trace)
+    assert out["device_busy_ms_per_step"] == pytest.approx(25e-3 / PROFILED)
+    assert out["device_idle_ms_per_step"] == pytest.approx(5e-3 / PROFILED)
+    assert out["syncs_per_step"] == pytest.approx(1 / PROFILED)
+    assert out["idle_by_host_op_ms_per_step"] == {"python_work": round(5e-3 / PROFILED, 3)}

@@ -139,8 +139,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     safe = torch.where(scored, flat_targets, torch.zeros_like(flat_targets))
     chunk = chunk_size or default_chunk_size(flat.shape[0], d, weight.shape[0])
     if resolve_backend(backend, hidden.device) == "liger":
-        loss = _liger_loss(flat, weight, flat_targets, ignore_index)
+        # the argmax chunks first: they queue behind the model's forward while Liger's loss begins with a host sync
+        # (its count of scored tokens), after which its own chunk loop would leave the GPU waiting on their launches
         correct = argmax_correct(flat.detach(), weight.detach(), safe, chunk) & scored
+        loss = _liger_loss(flat, weight, flat_targets, ignore_index)
     else:
         loss, correct = ChunkedLinearCrossEntropy.apply(flat, weight, safe, scored, chunk)
     return loss, correct.view(targets.shape)

@@ -1,5 +1,11 @@
 """The LightningModule around HybridLM: loss on scored positions, MoE balance loss, LR schedule,
-metrics, and a stop at the first non-finite loss."""
+metrics, and a stop at the first non-finite loss.
+
+On a GPU a training step keeps the host ahead of the device: batches arrive in page-locked memory and are copied
+without waiting, the step's metrics are logged after the backward pass is queued (their bookkeeping then overlaps it),
+host-side numbers are logged as CPU tensors (a Python number would be copied to the GPU, which waits for it), the
+progress bar's metrics (read back every step) only when a bar is shown, and AdamW is the fused kernel. What remains
+is one sync a step, the non-finite loss check."""
 
 from __future__ import annotations
 
@@ -43,20 +49,32 @@ class LitHybrid(L.LightningModule):
         self.stop_reason: str | None = None
         self._tick: tuple[float, int] | None = None
         self._flops: tuple[int, float] | None = None  # (training FLOPs per token, device peak FLOP/s), on CUDA
+        self._pending: dict | None = None  # the step's metrics, logged once its backward is queued
+        self.prog_bar = False  # set by train() when Lightning's bar is shown
 
     def train_dataloader(self):
         workers = data_workers(self.config.trainer.data_workers, self.device.type == "cuda")
         if workers == 0:
             return DataLoader(StepIndices(), batch_size=None)  # batches are built in training_step
         return step_loader(self.task, self.config.trainer.batch_size, self.trainer.global_step, self.global_rank,
-                           self.trainer.world_size, workers)
+                           self.trainer.world_size, workers, pin_memory=self.device.type == "cuda")
 
     def val_dataloader(self):
         return DataLoader(range(self.config.trainer.val_batches), batch_size=None)
 
     def _to_device(self, batch: Batch) -> Batch:
         """This process's slice of a global batch (all of it in a one-process run), on the module's device."""
-        return rank_slice(batch, self.global_rank, self.trainer.world_size).to(self.device)
+        batch = rank_slice(batch, self.global_rank, self.trainer.world_size)
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def transfer_batch_to_device(self, item, device, dataloader_idx):
+        """A data worker's (step, batch), pinned by the DataLoader, copied without waiting; other items as
+        Lightning moves them."""
+        if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[1], Batch):
+            return item[0], item[1].to(device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(item, device, dataloader_idx)
 
     def _loss(self, batch: Batch):
         logits = self.backbone(batch.input_ids, doc_ids=batch.doc_ids)
@@ -87,21 +105,31 @@ class LitHybrid(L.LightningModule):
         aux = self.model.aux_loss()
         if aux is not None:
             total = loss + self.config.optim.aux_loss_coef * aux
-            self.log("train/aux_loss", aux.detach(), on_step=True, batch_size=batch.input_ids.shape[0])
         if not torch.isfinite(total):
             # returning None skips backward and the optimizer step: the weights stay finite
             self.stop_reason = f"non-finite loss {total.item()} at step {step}"
             self.trainer.should_stop = True
             return None
-        tokens = batch.input_ids.numel() * self.trainer.world_size  # of the global batch
-        size = batch.input_ids.shape[0]
-        self.log_dict({"train/loss": loss.detach(), "train/accuracy": train_accuracy}, on_step=True,
-                      prog_bar=True, batch_size=size, sync_dist=self.trainer.world_size > 1)  # the global batch's
-        self.log_dict({"lr": self.optimizers().param_groups[0]["lr"], "data/phase2_fraction":
-                       self.schedule.phase2_fraction(step), "tokens": float((step + 1) * tokens)}, on_step=True,
-                      batch_size=size)
-        self._log_speed(tokens, batch.input_ids.shape[1])
+        self._pending = {"loss": loss.detach(), "accuracy": train_accuracy, "step": step,
+                         "aux": None if aux is None else aux.detach(), "size": batch.input_ids.shape[0],
+                         "seq_len": batch.input_ids.shape[1]}
         return total
+
+    def on_after_backward(self) -> None:
+        """Log the training step's metrics, its backward now queued on the device."""
+        if self._pending is None:
+            return
+        p, self._pending = self._pending, None
+        tokens = p["size"] * p["seq_len"] * self.trainer.world_size  # of the global batch
+        if p["aux"] is not None:
+            self.log("train/aux_loss", p["aux"], on_step=True, batch_size=p["size"])
+        self.log_dict({"train/loss": p["loss"], "train/accuracy": p["accuracy"]}, on_step=True,
+                      prog_bar=self.prog_bar, batch_size=p["size"],
+                      sync_dist=self.trainer.world_size > 1)  # the global batch's
+        self.log_dict({"lr": _host(self.optimizers().param_groups[0]["lr"]),
+                       "data/phase2_fraction": _host(self.schedule.phase2_fraction(p["step"])),
+                       "tokens": _host((p["step"] + 1) * tokens)}, on_step=True, batch_size=p["size"])
+        self._log_speed(tokens, p["seq_len"])
 
     def _log_speed(self, tokens: int, seq_len: int) -> None:
         """perf/tokens_per_s (global batch), perf/memory_gib (this process) and, on a GPU with a known peak,
@@ -112,16 +140,16 @@ class LitHybrid(L.LightningModule):
             self._flops = (accounting.stats(self.config.model, seq_len=seq_len).flops_training, peak)
         if self._tick is not None and now > self._tick[0]:
             rate = tokens * (self.global_step - self._tick[1]) / (now - self._tick[0])
-            self.log("perf/tokens_per_s", rate, on_step=True, prog_bar=True, batch_size=1)
+            self.log("perf/tokens_per_s", _host(rate), on_step=True, prog_bar=self.prog_bar, batch_size=1)
             if self._flops is not None:
-                self.log("perf/mfu", rate * self._flops[0] / (self._flops[1] * self.trainer.world_size),
+                self.log("perf/mfu", _host(rate * self._flops[0] / (self._flops[1] * self.trainer.world_size)),
                          on_step=True, batch_size=1)
         self._tick = (now, self.global_step)
         if self.device.type == "cuda":
             memory = torch.cuda.max_memory_allocated() / 2**30
         else:  # peak resident memory of the process (Linux reports KiB)
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        self.log("perf/memory_gib", memory, on_step=True, batch_size=1)
+        self.log("perf/memory_gib", _host(memory), on_step=True, batch_size=1)
 
     def validation_step(self, index, _batch_idx):
         batch = self._to_device(self.task.batch(int(index), self.config.trainer.batch_size, "val"))
@@ -143,11 +171,20 @@ class LitHybrid(L.LightningModule):
         o = self.config.optim
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        # the fused kernel on CUDA: a few launches a step and no per-parameter host work; not yet under FSDP, where
+        # it is untested
+        fused = self.config.trainer.strategy != "fsdp" and all(p.is_cuda for p in self.model.parameters())
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas))
+            lr=o.lr, betas=tuple(o.betas), fused=fused or None)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.schedule.lambda_lr(optimizer), "interval": "step"}}
+
+
+def _host(value: float) -> torch.Tensor:
+    """A host-side number as Lightning logs it without a copy to the GPU: a CPU tensor (float64: token counts
+    stay exact)."""
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def logged_metrics(task: Task, batch_size: int, val_batches: int) -> list[str]:

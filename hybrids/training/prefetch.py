@@ -44,7 +44,9 @@ def data_workers(setting: int | str, on_cuda: bool) -> int:
     return int(setting)
 
 
-def step_loader(task: Task, batch_size: int, start: int, rank: int, world_size: int, workers: int) -> DataLoader:
-    """The DataLoader of StepBatches with `workers` processes, each keeping up to 4 batches ready."""
+def step_loader(task: Task, batch_size: int, start: int, rank: int, world_size: int, workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """The DataLoader of StepBatches with `workers` processes, each keeping up to 4 batches ready; with pin_memory
+    (training on CUDA) in page-locked memory, so that the copy to the GPU does not wait for the GPU."""
     return DataLoader(StepBatches(task, batch_size, start, rank, world_size), batch_size=None, num_workers=workers,
-                      prefetch_factor=4, persistent_workers=False)
+                      prefetch_factor=4, persistent_workers=False, pin_memory=pin_memory)

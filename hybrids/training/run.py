@@ -141,7 +141,7 @@ def train(config: TrainConfig | list[str], callbacks: list | None = None) -> Tra
                            save_top_k=1, save_last=True, auto_insert_metric_name=False)
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            enable_version_counter=False)
-    bar = use_bar(config.trainer.progress_bar)
+    bar = module.prog_bar = use_bar(config.trainer.progress_bar)
     progress = [] if bar else [ProgressLines(config.trainer.max_steps, config.trainer.batch_size * module.task.seq_len,
                                              config.trainer.progress_every_s, label=config.run.name or "")]
     extra = [*forgetting_callbacks(module.schedule), *(callbacks or [])]

@@ -45,10 +45,18 @@ class Batch:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     doc_ids: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> Batch:
-        extra = {k: v.to(device) for k, v in self.extra.items()}
-        doc_ids = self.doc_ids.to(device) if self.doc_ids is not None else None
-        return Batch(self.input_ids.to(device), self.targets.to(device), extra, doc_ids)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (a DataLoader with pin_memory=True calls this), from which a copy
+        to the GPU with non_blocking=True does not stop the host."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        extra = {k: fn(v) for k, v in self.extra.items()}
+        doc_ids = fn(self.doc_ids) if self.doc_ids is not None else None
+        return Batch(fn(self.input_ids), fn(self.targets), extra, doc_ids)
 
 
 class Task:
