@@ -38,8 +38,9 @@ def test_a_cuda_training_step_syncs_at_most_twice(tmp_path, workers):
     batch copies)."""
     count = CountSyncs()
     result = train(["model=zamba2-tiny", "task=mqar", "trainer.max_steps=12", "trainer.val_every=12",
-                    "trainer.log_every=1000", "schedule.warmup_steps=1", f"trainer.data_workers={workers}",
-                    f"run.dir={tmp_path}", "tracking.enabled=false", "trainer.progress_bar=false"], callbacks=[count])
+                    "trainer.log_every=1000", "trainer.progress_every_s=1000", "schedule.warmup_steps=1",
+                    f"trainer.data_workers={workers}", f"run.dir={tmp_path}", "tracking.enabled=false",
+                    "trainer.progress_bar=false"], callbacks=[count])
     assert result.steps == 12
     assert count.fused is True
     assert count.syncs is not None and count.syncs <= 2, count.syncs
