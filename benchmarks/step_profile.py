@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.tiny else 8)
     args.length = args.length or (64 if args.tiny else 2048)
-    if args.steps < 16:
-        raise SystemExit("--steps must be at least 16 (10 warm-up steps, then timed and profiled ones)")
     stop = args.steps - PROFILED - 1
+    if stop <= 10:
+        raise SystemExit(f"--steps must be at least {12 + PROFILED} (10 warm-up steps, at least one timed step, "
+                         f"{PROFILED} profiled ones and a last one)")
     graphs = ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"] if args.graphs else []
     args.set = [*graphs, *args.set]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

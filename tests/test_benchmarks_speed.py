@@ -98,3 +98,11 @@ def test_step_profile_reads_device_idle_and_the_host_op_behind_it(monkeypatch):
     assert out["device_idle_ms_per_step"] == pytest.approx(5e-3 / PROFILED)
     assert out["syncs_per_step"] == pytest.approx(1 / PROFILED)
     assert out["idle_by_host_op_ms_per_step"] == {"python_work": round(5e-3 / PROFILED, 3)}
+
+
+def test_step_profile_refuses_too_few_steps_to_time_any(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from step_profile import main
+
+    with pytest.raises(SystemExit, match="--steps must be at least 17"):
+        main(["--tiny", "--steps", "16"])
