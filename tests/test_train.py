@@ -163,3 +163,27 @@ def test_compile_mode_reaches_torch_compile_and_is_no_part_of_a_run(monkeypatch)
     assert run_name(graphs) == run_name(plain) and scored(to_dict(graphs)) == scored(to_dict(plain))
     with pytest.raises(Exception, match="trainer.compile_mode must be one of default, reduce-overhead"):
         compose([*common, "trainer.compile_mode=fastest"])
+
+
+class OptimizerKind(L.Callback):
+    fused = None
+
+    def on_train_start(self, trainer, *_):
+        self.fused = trainer.optimizers[0].defaults.get("fused")
+
+
+def test_a_fused_adamw_clips_under_mixed_precision(tmp_path, monkeypatch):
+    """The fused AdamW (the default on CUDA) under bf16-mixed, here on CPU: Lightning's precision plugin refuses to
+    clip for a fused optimizer, so the module clips itself, and the loss curve is the unfused optimizer's."""
+    from hybrids.training.module import LitHybrid
+
+    common = ["trainer.max_steps=5", "trainer.val_every=100", "trainer.precision=bf16-mixed", "optim.grad_clip=0.05"]
+    plain = train(config(tmp_path / "plain", *common))
+    unclipped = train(config(tmp_path / "unclipped", *common, "optim.grad_clip=0"))
+    monkeypatch.setattr(LitHybrid, "_fused_adamw", lambda self: True)
+    kind = OptimizerKind()
+    fused = train(config(tmp_path / "fused", *common), callbacks=[kind])
+    assert kind.fused is True and fused.steps == 5
+    a, b, c = (metric_rows(r.run_dir, "train/loss") for r in (plain, fused, unclipped))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-3, (a, b)
+    assert abs(a[4] - c[4]) > 10 * max(abs(a[s] - b[s]) for s in a), (a, c)  # the clip acts

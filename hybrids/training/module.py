@@ -165,18 +165,26 @@ class LitHybrid(L.LightningModule):
         if clip and self.config.trainer.strategy == "fsdp":
             self.trainer.strategy.model.clip_grad_norm_(clip)
             return
+        if clip and optimizer.defaults.get("fused"):
+            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which could unscale fp16
+            # gradients itself; a fused AdamW runs only where nothing is scaled (see configure_optimizers)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _fused_adamw(self) -> bool:
+        """The fused AdamW kernel on CUDA (a few launches a step, no per-parameter host work), except under FSDP
+        (untested there) and fp16 (its gradients are scaled, and they must be unscaled before clipping)."""
+        return (self.config.trainer.strategy != "fsdp" and self.trainer.precision != "16-mixed"
+                and all(p.is_cuda for p in self.model.parameters()))
 
     def configure_optimizers(self):
         o = self.config.optim
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        # the fused kernel on CUDA: a few launches a step and no per-parameter host work; not yet under FSDP, where
-        # it is untested
-        fused = self.config.trainer.strategy != "fsdp" and all(p.is_cuda for p in self.model.parameters())
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), fused=fused or None)
+            lr=o.lr, betas=tuple(o.betas), fused=self._fused_adamw() or None)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.schedule.lambda_lr(optimizer), "interval": "step"}}
 
