@@ -1,6 +1,6 @@
 """Where a training step's time goes under Lightning (issue 11): the step timed between two synchronizes, and on a GPU
-the device's busy time in it (the union of its kernels and copies), its idle time, the host syncs a step, and the
-host ops running while the device idles.
+the device's busy time in it (the union of its kernels and copies), its idle time, the host syncs a step (every
+thread's, by the ops around them), and the host ops running while the device idles.
 
     python benchmarks/step_profile.py [--batch 8] [--length 2048] [--steps 40] [--graphs] [--set KEY=VALUE ...]
     python benchmarks/step_profile.py --tiny    # CPU, zamba2-tiny: timing only
@@ -98,11 +98,24 @@ def analyse(trace: dict) -> dict:
         around = [e for e in host if e["ts"] <= middle <= e["ts"] + e["dur"]]
         name = min(around, key=lambda e: e["dur"])["name"][:80] if around else "(no host op)"
         idle_by_op[name] += (b - a) / 1e3 / PROFILED
-    syncs = sum(1 for e in host if e["name"] in SYNCS)
+    sites = sync_sites(events)
     return {"device_busy_ms_per_step": busy / 1e3 / PROFILED,
             "device_idle_ms_per_step": sum(b - a for a, b in gaps) / 1e3 / PROFILED,
-            "syncs_per_step": syncs / PROFILED,
+            "syncs_per_step": sum(sites.values()) / PROFILED,
+            "syncs_per_step_by_site": {k: v / PROFILED for k, v in sites.most_common(10)},
             "idle_by_host_op_ms_per_step": {k: round(v, 3) for k, v in idle_by_op.most_common(10)}}
+
+
+def sync_sites(events: list[dict]) -> collections.Counter:
+    """Host syncs of every thread (the autograd engine's backward thread stalls the step as the main one does),
+    counted by the ops around them on their thread: up to three innermost names, outermost first."""
+    ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
+    sites: collections.Counter = collections.Counter()
+    for sync in (e for e in events if e.get("cat") == "cuda_runtime" and e["name"] in SYNCS):
+        around = sorted((e for e in ops if e["tid"] == sync["tid"] and e["ts"] <= sync["ts"] <= e["ts"] + e["dur"]),
+                        key=lambda e: -e["dur"])
+        sites[" > ".join(e["name"][:60] for e in around[-3:]) or "(no op)"] += 1
+    return sites
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,11 +92,15 @@ def test_step_profile_reads_device_idle_and_the_host_op_behind_it(monkeypatch):
     # "step" > "python_work"; one sync; a thread with fewer ops is not the main one
     trace = {"traceEvents": [x("kernel", "k1", 0, 10, 7), x("kernel", "k2", 5, 10, 7), x("gpu_memcpy", "c", 20, 10, 7),
                              x("cpu_op", "step", 0, 40), x("cpu_op", "python_work", 14, 8),
-                             x("cuda_runtime", "cudaStreamSynchronize", 25, 2), x("cpu_op", "other", 16, 2, tid=2)]}
+                             x("cuda_runtime", "cudaStreamSynchronize", 25, 2), x("cpu_op", "other", 16, 2, tid=2),
+                             x("cpu_op", "backward_op", 30, 10, tid=2),
+                             x("cuda_runtime", "cudaStreamSynchronize", 32, 1, tid=2)]}
     out = analyse(trace)
     assert out["device_busy_ms_per_step"] == pytest.approx(25e-3 / PROFILED)
     assert out["device_idle_ms_per_step"] == pytest.approx(5e-3 / PROFILED)
-    assert out["syncs_per_step"] == pytest.approx(1 / PROFILED)
+    # every thread's syncs count (the backward thread's stall the step too), each named by the ops around it
+    assert out["syncs_per_step"] == pytest.approx(2 / PROFILED)
+    assert out["syncs_per_step_by_site"] == {"step": 1 / PROFILED, "backward_op": 1 / PROFILED}
     assert out["idle_by_host_op_ms_per_step"] == {"python_work": round(5e-3 / PROFILED, 3)}
 
 
