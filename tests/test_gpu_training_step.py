@@ -41,11 +41,20 @@ class CountSyncs(L.Callback):
             self._prof = None
 
 
+# The syncs a step is left with (session 10 on an H200, liger-kernel 0.8.5: 4.0 a step, these four, with or
+# without data workers), by the three innermost ops around each: ours, the non-finite loss check; Liger's forward
+# counts the scored tokens (.item()); Liger's backward compares grad_output with a new torch.tensor(1.0, device=...),
+# a blocking copy of that scalar to the GPU and torch.equal's read-back.
+KNOWN_SYNCS = {"aten::is_nonzero > aten::item > aten::_local_scalar_dense",
+               "LigerFusedLinearCrossEntropyFunction > aten::item > aten::_local_scalar_dense",
+               "aten::to > aten::_to_copy > aten::copy_",
+               "aten::equal > aten::item > aten::_local_scalar_dense"}
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "data-workers"])
-def test_a_cuda_training_step_syncs_at_most_twice(tmp_path, workers):
-    """One sync for the non-finite loss check, at most one inside the fused cross-entropy (Liger counts the scored
-    tokens); before issue 11's change a step of this run synced 20-odd times (metrics to the GPU and back, blocking
-    batch copies)."""
+def test_a_cuda_training_step_syncs_only_where_known(tmp_path, workers):
+    """At most one sync a step at each known site; before issue 11's change a step of this run synced 20-odd times
+    (metrics to the GPU and back, blocking batch copies)."""
     count = CountSyncs()
     result = train(["model=zamba2-tiny", "task=mqar", "trainer.max_steps=12", "trainer.val_every=12",
                     "trainer.log_every=1000", "trainer.progress_every_s=1000", "schedule.warmup_steps=1",
@@ -53,4 +62,5 @@ def test_a_cuda_training_step_syncs_at_most_twice(tmp_path, workers):
                     "trainer.progress_bar=false"], callbacks=[count])
     assert result.steps == 12
     assert count.fused is True
-    assert count.syncs is not None and count.syncs <= 2, f"{count.syncs} a step: {dict(count.sites)}"
+    assert count.syncs is not None and count.syncs <= len(KNOWN_SYNCS), f"{count.syncs} a step: {dict(count.sites)}"
+    assert set(count.sites) <= KNOWN_SYNCS, dict(count.sites)

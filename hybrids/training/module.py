@@ -5,7 +5,8 @@ On a GPU a training step keeps the host ahead of the device: batches arrive in p
 without waiting, the step's metrics are logged after the backward pass is queued (their bookkeeping then overlaps it),
 host-side numbers are logged as CPU tensors (a Python number would be copied to the GPU, which waits for it), the
 progress bar's metrics (read back every step) only when a bar is shown, and AdamW is the fused kernel. What remains
-is one sync a step, the non-finite loss check."""
+is one sync a step of ours, the non-finite loss check, and three of liger-kernel's fused cross-entropy (measured on
+an H200: tests/test_gpu_training_step.py)."""
 
 from __future__ import annotations
 
