@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,11 @@ def test_step_profile_refuses_too_few_steps_to_time_any(monkeypatch):
 
     with pytest.raises(SystemExit, match="--steps must be at least 17"):
         main(["--tiny", "--steps", "16"])
+
+
+def test_gpu_session_refuses_an_unknown_check_in_one_line(tmp_path):
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), "speed"], capture_output=True, text=True,
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "usage: bash benchmarks/gpu_session.sh ceiling|ddp|tests (got 'speed')\n"
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -22,7 +22,7 @@ from hybrids.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP = ("make ", "hybrids ui", "benchmarks/gpu_blocks.py", "benchmarks/train_throughput.py", "benchmarks/multi_gpu.py",
-        "benchmarks/allreduce.py", "benchmarks/step_profile.py",
+        "benchmarks/allreduce.py", "benchmarks/step_profile.py", "benchmarks/gpu_session.sh",
         "db-host")  # GPU benchmarks; db-host: a team server
 # Overrides that shrink a training run; the text task reads a few hundred KB of the standard library.
 QUICK_TRAIN = ["trainer.max_steps=4", "trainer.val_every=2", "trainer.val_batches=1", "trainer.batch_size=2",
